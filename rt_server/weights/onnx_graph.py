@@ -215,8 +215,8 @@ class _Collector:
             # A shared module called several times (ALBERT) must read the same values each time.
             if previous.shape != value.shape or not np.array_equal(previous, value):
                 raise GraphFormatError(f"{source}: {scope}.{role} differs between the nodes that use it")
-            return
-        module.tensors[role] = value
+        else:
+            module.tensors[role] = value
         if source not in module.sources:
             module.sources.append(source)
 
