@@ -1,0 +1,300 @@
+"""KModel: Kokoro-82M v1.0, phonemes and a style vector in, 24 kHz audio out. Batched exactly.
+
+`model(phonemes, ref_s, speed)` and `forward_with_tokens(input_ids, ref_s, speed)` mirror the reference.
+`forward_batch(items)` runs many utterances in one pass; each item computes what it computes alone (padding is
+masked everywhere the reference would see it; see docs/model.md).
+
+Noise: the sine source adds Gaussian noise. `noise=False` switches it off (output is then deterministic);
+`generator=` seeds it per call. Noise is drawn on the CPU with the reference's layout, so a generator seeded with
+`s` reproduces the reference run after `torch.manual_seed(s)` on the CPU, and results do not depend on the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from rt_server.model.albert import CustomAlbert
+from rt_server.model.checkpoint import SECTIONS, Checkpoint, CheckpointError, load_checkpoint
+from rt_server.model.config import PAD_TOKEN_ID, SAMPLES_PER_FRAME, KokoroConfig, load_config
+from rt_server.model.istftnet import HARMONIC_NUM, Decoder, FrameGeometry
+from rt_server.model.layers import InstanceNormAffine, WeightNormMixin, apply_mask, sequence_mask
+from rt_server.model.prosody import ProsodyPredictor, TextEncoder, expand_to_frames
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Buffers some transformers versions saved with ALBERT; harmless and ignored on load.
+_IGNORED_KEYS = {"bert": {"embeddings.position_ids"}}
+
+
+class PhonemeError(ValueError):
+    """Phonemes outside the vocabulary, an empty input, or more than the model's 510-phoneme limit."""
+
+    def __init__(self, message: str, unknown: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.unknown = list(unknown)
+
+
+@dataclass
+class BatchItem:
+    """One utterance of a batch. `input_ids` includes the two boundary 0-tokens; `ref_s` is [256]."""
+
+    input_ids: Tensor
+    ref_s: Tensor
+    speed: float = 1.0
+    noise: bool = True
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class BatchOutput:
+    audio: Tensor  # [600 * pred_dur.sum()] float32, on the CPU
+    pred_dur: Tensor  # [T] frames per token, boundary tokens included
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class KModel(nn.Module):
+    """Kokoro v1.0. Build from a config (path, dict or None for the bundled v1.0) and load a checkpoint.
+
+    `model` is a checkpoint path (.pth or .safetensors), an already loaded state (sections), or None for random
+    weights (tests). Loading is strict: see `load_weights`.
+    """
+
+    def __init__(
+        self,
+        config: str | Path | dict[str, Any] | KokoroConfig | None = None,
+        model: str | Path | Checkpoint | None = None,
+        *,
+        device: str = "cpu",
+        precision: str = "fp32",
+    ) -> None:
+        super().__init__()
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        cfg = load_config(config)
+        self.config = cfg
+        self.vocab = cfg.vocab
+        self.max_phonemes = cfg.max_phonemes
+        self.precision = precision
+        self.bert = CustomAlbert(cfg.plbert, cfg.n_token)
+        self.bert_encoder = nn.Linear(cfg.plbert.hidden_size, cfg.hidden_dim)
+        self.predictor = ProsodyPredictor(cfg.style_dim, cfg.hidden_dim, cfg.n_layer, cfg.max_dur)
+        self.text_encoder = TextEncoder(cfg.hidden_dim, cfg.text_encoder_kernel_size, cfg.n_layer, cfg.n_token)
+        self.decoder = Decoder(cfg.hidden_dim, cfg.style_dim, cfg.decoder_width, cfg.asr_res_dim, cfg.istftnet)
+        if model is not None:
+            self.load_weights(load_checkpoint(model) if isinstance(model, str | Path) else model)
+        self.eval()
+        self.to(resolve_device(device))
+
+    @property
+    def device(self) -> torch.device:
+        return self.bert_encoder.weight.device
+
+    # ---- weights ---------------------------------------------------------------------------------------
+
+    def load_weights(self, checkpoint: Checkpoint) -> None:
+        """Load the five sections strictly: every checkpoint tensor must land on a parameter of the same shape,
+        and every parameter must be filled, except the InstanceNorm affine pairs the published file lacks
+        (they are set to identity: weight 1, bias 0). Raises `CheckpointError` naming what is wrong."""
+        problems: list[str] = []
+        for section in SECTIONS:
+            module: nn.Module = getattr(self, section)
+            given = {k: v for k, v in checkpoint[section].items() if k not in _IGNORED_KEYS.get(section, set())}
+            expected = module.state_dict()
+            optional = {
+                f"{name}.{p}"
+                for name, sub in module.named_modules()
+                if isinstance(sub, InstanceNormAffine)
+                for p in ("weight", "bias")
+            }
+            missing = sorted(k for k in expected if k not in given and k not in optional)
+            unexpected = sorted(k for k in given if k not in expected)
+            shapes = sorted(
+                f"{k} {tuple(given[k].shape)} != {tuple(expected[k].shape)}"
+                for k in given
+                if k in expected and given[k].shape != expected[k].shape
+            )
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
+                if keys:
+                    shown = ", ".join(keys[:8]) + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "")
+                    problems.append(f"{section}: {len(keys)} {label}: {shown}")
+        if problems:
+            raise CheckpointError("checkpoint does not match the model:\n  " + "\n  ".join(problems))
+        with torch.no_grad():
+            for section in SECTIONS:
+                module = getattr(self, section)
+                for sub in module.modules():
+                    if isinstance(sub, InstanceNormAffine):
+                        sub.weight.fill_(1.0)
+                        sub.bias.fill_(0.0)
+                given = {k: v for k, v in checkpoint[section].items() if k not in _IGNORED_KEYS.get(section, set())}
+                module.load_state_dict(given, strict=False)
+        self.fold_weight_norm()
+
+    def export_weights(self) -> Checkpoint:
+        """The model's weights as published-format sections (without the identity InstanceNorm affines)."""
+        out: Checkpoint = {}
+        for section in SECTIONS:
+            module: nn.Module = getattr(self, section)
+            skip = {
+                f"{name}.{p}"
+                for name, sub in module.named_modules()
+                if isinstance(sub, InstanceNormAffine)
+                for p in ("weight", "bias")
+            }
+            out[section] = {k: v.detach().cpu() for k, v in module.state_dict().items() if k not in skip}
+        return out
+
+    def fold_weight_norm(self) -> None:
+        """Cache every weight-normed layer's `g * v / ||v||` (recomputed by `load_weights`)."""
+        for sub in self.modules():
+            if isinstance(sub, WeightNormMixin):
+                sub.fold_weight_norm()
+
+    # ---- tokens ----------------------------------------------------------------------------------------
+
+    def unknown_symbols(self, phonemes: str) -> list[str]:
+        """Symbols of `phonemes` outside the vocabulary, unique, in order of first appearance."""
+        return list(dict.fromkeys(c for c in phonemes if c not in self.vocab))
+
+    def tokenize(self, phonemes: str) -> list[int]:
+        """Token ids with the two boundary tokens. Unknown symbols and over-long input are errors, not dropped."""
+        unknown = self.unknown_symbols(phonemes)
+        if unknown:
+            names = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in unknown)
+            raise PhonemeError(f"phonemes outside the vocabulary: {names}", unknown)
+        if not phonemes:
+            raise PhonemeError("phoneme string is empty")
+        if len(phonemes) > self.max_phonemes:
+            raise PhonemeError(
+                f"{len(phonemes)} phonemes exceed the model's limit of {self.max_phonemes} per utterance"
+            )
+        return [PAD_TOKEN_ID, *(self.vocab[c] for c in phonemes), PAD_TOKEN_ID]
+
+    # ---- forward ---------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        phonemes: str,
+        ref_s: Tensor,
+        speed: float = 1.0,
+        *,
+        noise: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Synthesise one utterance: 24 kHz float32 audio on the CPU, 600 samples per duration frame."""
+        ids = torch.tensor([self.tokenize(phonemes)], dtype=torch.long)
+        audio, _ = self.forward_with_tokens(ids, ref_s, speed, noise=noise, generator=generator)
+        return audio
+
+    def forward_with_tokens(
+        self,
+        input_ids: Tensor,
+        ref_s: Tensor,
+        speed: float = 1.0,
+        *,
+        noise: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """input_ids [1, T] (boundary tokens included), ref_s [1, 256]. Returns (audio [600F], pred_dur [T])."""
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError("forward_with_tokens takes one utterance [1, T]; use forward_batch for more")
+        item = BatchItem(input_ids[0], ref_s.reshape(-1), speed, noise, generator)
+        out = self.forward_batch([item])[0]
+        return out.audio, out.pred_dur
+
+    def item(
+        self,
+        phonemes: str,
+        ref_s: Tensor,
+        speed: float = 1.0,
+        *,
+        noise: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> BatchItem:
+        """A `BatchItem` from phonemes (validated like `forward`)."""
+        ids = torch.tensor(self.tokenize(phonemes), dtype=torch.long)
+        return BatchItem(ids, ref_s.reshape(-1), speed, noise, generator)
+
+    @torch.inference_mode()
+    def forward_batch(self, items: Sequence[BatchItem]) -> list[BatchOutput]:
+        """Synthesise several utterances in one pass; each output equals the item's single run (see module doc)."""
+        if not items:
+            return []
+        device = self.device
+        lengths_list = [int(it.input_ids.shape[0]) for it in items]
+        if min(lengths_list) < 2 or max(lengths_list) > self.max_phonemes + 2:
+            raise ValueError(f"input_ids must hold 2..{self.max_phonemes + 2} tokens incl. the boundaries")
+        B, T = len(items), max(lengths_list)
+        ids = torch.full((B, T), PAD_TOKEN_ID, dtype=torch.long)
+        for i, it in enumerate(items):
+            ids[i, : lengths_list[i]] = it.input_ids.to(torch.long).cpu()
+        ids = ids.to(device)
+        ref_s = torch.stack([it.ref_s.reshape(-1).float() for it in items]).to(device)
+        speed = torch.tensor([float(it.speed) for it in items], device=device)
+        token_padded = len(set(lengths_list)) > 1
+        lengths = torch.tensor(lengths_list, device=device) if token_padded else None
+        tmask = sequence_mask(lengths, T) if lengths is not None else None
+        style_dim = self.config.style_dim
+        s_acoustic, s_prosody = ref_s[:, :style_dim], ref_s[:, style_dim:]
+
+        dtype = PRECISIONS[self.precision]
+        reduced = torch.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+        with reduced:
+            bert_dur = self.bert(ids, lengths)
+            d_en = self.bert_encoder(bert_dur).transpose(-1, -2)
+            d = self.predictor.text_encoder(d_en, s_prosody, lengths, tmask)
+            duration = self.predictor.durations(d, speed, lengths).float()
+            pred_dur = torch.round(duration).clamp(min=1).long()
+            if tmask is not None:
+                pred_dur = pred_dur * tmask[:, 0].long()
+            frames = pred_dur.sum(dim=1)
+            geo = FrameGeometry(
+                frames=frames,
+                n_fft=self.config.istftnet.gen_istft_n_fft,
+                hop=self.config.istftnet.gen_istft_hop_size,
+                upsample_rates=self.config.istftnet.upsample_rates,
+                padded=len(set(frames.tolist())) > 1,
+            )
+            F_max = int(frames.max())
+            ends = torch.cumsum(pred_dur, dim=1)
+            frame_idx = torch.arange(F_max, device=device)[None, :].expand(B, -1).contiguous()
+            frame_tokens = torch.searchsorted(ends, frame_idx, right=True).clamp(max=T - 1)
+            fmask = geo.mask(1, F_max)
+            en = apply_mask(expand_to_frames(d.transpose(1, 2), frame_tokens), fmask)
+            f0, n = self.predictor.f0_energy(
+                en, s_prosody, frames if geo.padded else None, fmask, geo.mask(2, 2 * F_max)
+            )
+            t_en = self.text_encoder(ids, lengths, tmask)
+            asr = apply_mask(expand_to_frames(t_en, frame_tokens), fmask)
+            noise = [self._draw_noise(it, int(f)) for it, f in zip(items, frames.tolist(), strict=True)]
+            audio = self.decoder(asr, f0.float(), n.float(), s_acoustic, geo, noise)
+        audio = audio.float().cpu()
+        pred_dur = pred_dur.cpu()
+        return [
+            BatchOutput(audio[i, : int(frames[i]) * SAMPLES_PER_FRAME].clone(), pred_dur[i, :n_tok].clone())
+            for i, n_tok in enumerate(lengths_list)
+        ]
+
+    @staticmethod
+    def _draw_noise(item: BatchItem, frames: int) -> Tensor | None:
+        """The reference's draws: `rand(1, 9)` (the unused initial phase), then standard normals laid out as
+        the transposed [1, 9, L] view `randn_like` sees. Drawn on the CPU for device-independent results."""
+        if not item.noise:
+            return None
+        n = HARMONIC_NUM + 1
+        gen = item.generator
+        torch.rand(1, n, generator=gen)
+        samples = frames * SAMPLES_PER_FRAME
+        draw = torch.empty(1, n, samples).transpose(1, 2).normal_(generator=gen)
+        return draw[0]

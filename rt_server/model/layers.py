@@ -1,0 +1,217 @@
+"""Building blocks shared by Kokoro's sub-networks, written to be exact under padding.
+
+Every layer that mixes information along time takes an optional mask. `None` means "no padding": the layer then
+takes the same fast path as the reference (plain instance norm, unpacked LSTM). With a mask ([B, 1, L], 1.0 on
+an item's own positions, 0.0 on padding) it restricts statistics to each item's own positions and re-zeroes the
+padding before every convolution that could read it, so that a padded item computes what it computes alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+LEAKY_SLOPE = 0.2
+INSTANCE_NORM_EPS = 1e-5
+
+
+def sequence_mask(lengths: Tensor, max_len: int) -> Tensor:
+    """Float mask [B, 1, max_len]: 1.0 where the position is inside the item's length."""
+    positions = torch.arange(max_len, device=lengths.device)
+    return (positions[None, :] < lengths[:, None]).unsqueeze(1).float()
+
+
+def apply_mask(x: Tensor, mask: Tensor | None) -> Tensor:
+    """Zero the padding (a no-op without a mask)."""
+    return x if mask is None else x * mask
+
+
+class WeightNormMixin:
+    """Weight norm stored as the published checkpoint stores it: `weight_g` (norm) and `weight_v` (direction).
+
+    `w = g * v / ||v||`, the norm over every dim but 0. The folded weight is cached by `fold_weight_norm()`
+    (a non-persistent buffer, so checkpoints keep g and v) and recomputed on every call until then.
+    """
+
+    weight_g: nn.Parameter
+    weight_v: nn.Parameter
+    folded_weight: Tensor | None
+
+    def effective_weight(self) -> Tensor:
+        if self.folded_weight is not None:
+            return self.folded_weight
+        return torch._weight_norm(self.weight_v, self.weight_g, 0)
+
+    def fold_weight_norm(self) -> None:
+        with torch.no_grad():
+            self.folded_weight = torch._weight_norm(self.weight_v, self.weight_g, 0).detach().clone()
+
+    def unfold_weight_norm(self) -> None:
+        self.folded_weight = None
+
+
+class WNConv1d(WeightNormMixin, nn.Module):
+    """A weight-normed Conv1d (`*.weight_g`, `*.weight_v`, `*.bias`)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        *,
+        stride: int = 1,
+        padding: int = 0,
+        dilation: int = 1,
+        groups: int = 1,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.weight_g = nn.Parameter(torch.ones(out_channels, 1, 1))
+        self.weight_v = nn.Parameter(torch.empty(out_channels, in_channels // groups, kernel_size))
+        nn.init.normal_(self.weight_v, 0.0, 0.01)
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        self.register_buffer("folded_weight", None, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.effective_weight().to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.conv1d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class WNConvTranspose1d(WeightNormMixin, nn.Module):
+    """A weight-normed ConvTranspose1d. Its `weight_g` is [in, 1, 1]: dim 0 of a transposed weight is input."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        *,
+        stride: int,
+        padding: int,
+        output_padding: int = 0,
+        groups: int = 1,
+    ) -> None:
+        super().__init__()
+        self.stride, self.padding, self.output_padding, self.groups = stride, padding, output_padding, groups
+        self.weight_g = nn.Parameter(torch.ones(in_channels, 1, 1))
+        self.weight_v = nn.Parameter(torch.empty(in_channels, out_channels // groups, kernel_size))
+        nn.init.normal_(self.weight_v, 0.0, 0.01)
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+        self.register_buffer("folded_weight", None, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.effective_weight().to(x.dtype)
+        return F.conv_transpose1d(
+            x, weight, self.bias.to(x.dtype), self.stride, self.padding, self.output_padding, self.groups
+        )
+
+
+def instance_norm(x: Tensor, mask: Tensor | None, eps: float = INSTANCE_NORM_EPS) -> Tensor:
+    """Instance norm over time (biased variance), over each item's own positions only when masked."""
+    if mask is None:
+        return F.instance_norm(x, eps=eps)
+    count = mask.sum(dim=-1, keepdim=True).clamp_min(1.0)
+    mean = (x * mask).sum(dim=-1, keepdim=True) / count
+    centred = (x - mean) * mask
+    var = (centred * centred).sum(dim=-1, keepdim=True) / count
+    return (x - mean) * torch.rsqrt(var + eps)
+
+
+class InstanceNormAffine(nn.Module):
+    """`nn.InstanceNorm1d(C, affine=True)`'s parameters: absent from the published checkpoint, so 1 and 0."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        return instance_norm(x, mask) * self.weight[:, None] + self.bias[:, None]
+
+
+class AdaIN1d(nn.Module):
+    """Adaptive instance norm: `(1 + gamma(s)) * IN(x) + beta(s)`."""
+
+    def __init__(self, style_dim: int, channels: int) -> None:
+        super().__init__()
+        self.norm = InstanceNormAffine(channels)
+        self.fc = nn.Linear(style_dim, channels * 2)
+
+    def forward(self, x: Tensor, s: Tensor, mask: Tensor | None) -> Tensor:
+        h = self.fc(s).unsqueeze(-1)
+        gamma, beta = torch.chunk(h, chunks=2, dim=1)
+        return (1 + gamma) * self.norm(x, mask) + beta
+
+
+class AdaLayerNorm(nn.Module):
+    """Adaptive layer norm over channels (no affine of its own), for [B, T, C] input."""
+
+    def __init__(self, style_dim: int, channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.channels, self.eps = channels, eps
+        self.fc = nn.Linear(style_dim, channels * 2)
+
+    def forward(self, x: Tensor, s: Tensor) -> Tensor:
+        h = self.fc(s).unsqueeze(1)
+        gamma, beta = torch.chunk(h, chunks=2, dim=-1)
+        return (1 + gamma) * F.layer_norm(x, (self.channels,), eps=self.eps) + beta
+
+
+class ChannelLayerNorm(nn.Module):
+    """Layer norm over the channels of [B, C, T] input, with parameters named `gamma`/`beta`."""
+
+    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.channels, self.eps = channels, eps
+        self.gamma = nn.Parameter(torch.ones(channels))
+        self.beta = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.layer_norm(x.transpose(1, -1), (self.channels,), self.gamma, self.beta, self.eps)
+        return y.transpose(1, -1)
+
+
+class AdainResBlk1d(nn.Module):
+    """Residual block with AdaIN, optionally upsampling time 2x (depthwise transposed conv + nearest shortcut)."""
+
+    def __init__(self, dim_in: int, dim_out: int, style_dim: int, *, upsample: bool = False) -> None:
+        super().__init__()
+        self.upsample = upsample
+        self.learned_sc = dim_in != dim_out
+        self.conv1 = WNConv1d(dim_in, dim_out, 3, padding=1)
+        self.conv2 = WNConv1d(dim_out, dim_out, 3, padding=1)
+        self.norm1 = AdaIN1d(style_dim, dim_in)
+        self.norm2 = AdaIN1d(style_dim, dim_out)
+        if self.learned_sc:
+            self.conv1x1 = WNConv1d(dim_in, dim_out, 1, bias=False)
+        if upsample:
+            self.pool = WNConvTranspose1d(dim_in, dim_in, 3, stride=2, padding=1, output_padding=1, groups=dim_in)
+
+    def forward(self, x: Tensor, s: Tensor, mask: Tensor | None, out_mask: Tensor | None) -> Tensor:
+        """`mask` covers x's length, `out_mask` the output's (twice as long when upsampling)."""
+        res = F.leaky_relu(self.norm1(x, s, mask), LEAKY_SLOPE)
+        if self.upsample:
+            res = self.pool(apply_mask(res, mask))
+        res = self.conv1(apply_mask(res, out_mask))
+        res = F.leaky_relu(self.norm2(res, s, out_mask), LEAKY_SLOPE)
+        res = self.conv2(apply_mask(res, out_mask))
+        shortcut = F.interpolate(x, scale_factor=2.0, mode="nearest") if self.upsample else x
+        if self.learned_sc:
+            shortcut = self.conv1x1(shortcut)
+        return (res + shortcut) * (1.0 / math.sqrt(2.0))
+
+
+def run_lstm(lstm: nn.LSTM, x: Tensor, lengths: Tensor | None) -> Tensor:
+    """Run a batch-first LSTM over [B, T, C]; packed by `lengths` when the batch is padded (zeros there)."""
+    if lengths is None:
+        out, _ = lstm(x)
+        return out
+    packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+    out_packed, _ = lstm(packed)
+    out, _ = nn.utils.rnn.pad_packed_sequence(out_packed, batch_first=True, total_length=x.shape[1])
+    return out

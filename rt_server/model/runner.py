@@ -1,0 +1,138 @@
+"""The model's plain-data face for the serving engine: requests in, numpy audio and durations out.
+
+Only plain data crosses this boundary (str, float, int, numpy arrays), so the engine thread can hand results to
+the event loop without sharing tensors. A runner is not thread-safe: one executor thread owns it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rt_server.model.config import SAMPLE_RATE_HZ, tiny_config_dict
+from rt_server.model.kmodel import KModel
+from rt_server.model.voices import PACK_ROWS, STYLE_DIM, VoiceLibrary, style_row
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SynthesisRequest:
+    phonemes: str  # validated against the vocabulary, 1..510 code points
+    voice: str  # a voice name or a blend spec "af_bella:0.7,af_sky:0.3"
+    speed: float = 1.0
+    seed: int | None = None  # None: sine-source noise off (deterministic); an int seeds the noise
+
+
+@dataclass(frozen=True)
+class SynthesisResult:
+    audio: np.ndarray  # float32 mono at 24 kHz, len == 600 * durations.sum()
+    durations: np.ndarray  # int64 frames per token, boundary tokens included (len == len(phonemes) + 2)
+
+
+class ModelRunner:
+    """Runs batches of `SynthesisRequest` on one KModel with one voice library."""
+
+    sample_rate_hz = SAMPLE_RATE_HZ
+
+    def __init__(self, model: KModel, voices: VoiceLibrary, *, name: str = "default") -> None:
+        if not len(voices):
+            raise ValueError(f"model {name!r} has no voices")
+        self.model = model
+        self.voices = voices
+        self.name = name
+        self.max_phonemes = model.max_phonemes
+
+    def unknown_symbols(self, phonemes: str) -> list[str]:
+        return self.model.unknown_symbols(phonemes)
+
+    def voice_names(self) -> list[str]:
+        return self.voices.names()
+
+    def check_voice(self, spec: str) -> None:
+        """Raise `VoiceError` with a clear message if `spec` is not a known voice or a valid blend of them."""
+        self.voices.pack(spec)
+
+    def synthesize(self, requests: Sequence[SynthesisRequest]) -> list[SynthesisResult]:
+        """Synthesise one batch in a single forward pass. Raises if the batch fails (all of it)."""
+        items = []
+        for req in requests:
+            style = torch.from_numpy(style_row(self.voices.pack(req.voice), req.phonemes).copy())
+            generator = None if req.seed is None else torch.Generator().manual_seed(req.seed)
+            items.append(
+                self.model.item(req.phonemes, style, req.speed, noise=req.seed is not None, generator=generator)
+            )
+        outputs = self.model.forward_batch(items)
+        return [SynthesisResult(o.audio.numpy(), o.pred_dur.numpy().astype(np.int64)) for o in outputs]
+
+    def warmup(self) -> None:
+        """One short synthesis, so the first real request does not pay for lazy initialisation."""
+        self.synthesize([SynthesisRequest("hˈɛloʊ", self.voice_names()[0])])
+
+
+def random_voice_pack(seed: int) -> np.ndarray:
+    """A random voice pack [510, 256] (tests only): smooth across rows like real packs."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(0.0, 0.15, STYLE_DIM)
+    drift = rng.normal(0.0, 0.02, STYLE_DIM)
+    rows = np.linspace(0.0, 1.0, PACK_ROWS)[:, None]
+    return (base + rows * drift).astype(np.float32)
+
+
+def tiny_model(seed: int = 0) -> KModel:
+    """The tiny configuration with seeded random weights, adjusted to behave like speech in the ways tests
+    need: about 4 frames per phoneme (a negative duration bias) and a voiced F0 near 150 Hz (so the sine
+    source is on), with a quiet output (the post-conv gain scaled down so audio stays within [-1, 1])."""
+    torch.manual_seed(seed)
+    model = KModel(tiny_config_dict())
+    with torch.no_grad():
+        model.predictor.duration_proj.linear_layer.bias.fill_(-2.5)
+        f0_bias, post_bias = model.predictor.F0_proj.bias, model.decoder.generator.conv_post.bias
+        assert f0_bias is not None and post_bias is not None
+        f0_bias.fill_(150.0)
+        model.decoder.generator.conv_post.weight_g.mul_(0.05)
+        post_bias.fill_(0.0)
+        # The harmonic source's STFT phase is atan2 of rounding noise in its near-silent bins, and random
+        # weights amplify that chaotically (trained ones do not; docs/model.md). Tests compare audio across
+        # batch sizes, so the tiny model reads only the source's magnitudes.
+        half = model.config.istftnet.gen_istft_n_fft // 2 + 1
+        for conv in model.decoder.generator.noise_convs:
+            assert isinstance(conv, torch.nn.Conv1d)
+            conv.weight[:, half:].zero_()
+    model.fold_weight_norm()
+    return model
+
+
+def tiny_runner(*, seed: int = 0, name: str = "tiny") -> ModelRunner:
+    """A fast runner for tests: tiny config, random weights, voices "af_test" and "am_test"."""
+    voices = VoiceLibrary({"af_test": random_voice_pack(seed + 1), "am_test": random_voice_pack(seed + 2)})
+    return ModelRunner(tiny_model(seed), voices, name=name)
+
+
+def load_runner(
+    name: str,
+    *,
+    config: str | Path | None,
+    weights: str | Path | None,
+    voices_dir: str | Path | None,
+    device: str = "auto",
+    precision: str = "fp32",
+) -> ModelRunner:
+    """Load a model for serving. With no weights configured, the imported default (see docs/weights.md)."""
+    if weights is None:
+        from rt_server.weights import ensure_default_weights
+
+        default = ensure_default_weights()
+        weights, config = default.checkpoint, config or default.config
+        voices_dir = voices_dir or default.voices_dir
+    if voices_dir is None:
+        raise ValueError(f"model {name!r}: no voices directory configured")
+    model = KModel(config, weights, device=device, precision=precision)
+    voices = VoiceLibrary.from_directory(voices_dir)
+    log.info("model %s loaded on %s (%s) with %d voices", name, model.device, precision, len(voices))
+    return ModelRunner(model, voices, name=name)

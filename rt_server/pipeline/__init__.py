@@ -1,0 +1,1 @@
+"""Pure streaming logic: no sockets, no torch."""
