@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=os.environ.get("RT_SERVER_LOG_LEVEL", "INFO"))
     sub = parser.add_subparsers(dest="command", required=True)
     _add_synth(sub)
+    from rt_server.weights.cli import add_weights_commands
+
+    add_weights_commands(sub)
     for register in _optional_commands():
         register(sub)
     return parser
@@ -96,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _optional_commands() -> list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]]:
     """Subcommands defined beside the code they drive (server, weights, bench)."""
     registers = []
-    for module_name in ("rt_server.serve_cli", "rt_server.weights.cli", "rt_server.bench_cli"):
+    for module_name in ("rt_server.serve_cli", "rt_server.bench_cli"):
         try:
             module = __import__(module_name, fromlist=["register"])
         except ModuleNotFoundError as exc:
@@ -110,5 +113,5 @@ def _optional_commands() -> list[Callable[[argparse._SubParsersAction[argparse.A
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handler: Handler = args.handler
+    handler: Handler = args.handler if hasattr(args, "handler") else args.func
     return handler(args)

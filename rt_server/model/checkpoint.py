@@ -9,6 +9,7 @@ A `.safetensors` file holds the same tensors flattened as `<section>.<key>`.
 from __future__ import annotations
 
 import pickle
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -63,6 +64,15 @@ def _check_sections(raw: object, source: str) -> Checkpoint:
     return out
 
 
+def safe_torch_load(path: Path) -> object:
+    """`torch.load` with `weights_only=True`: tensors and plain containers only; a pickle that would run code
+    raises `pickle.UnpicklingError` instead of running it."""
+    with warnings.catch_warnings():
+        # Legacy (non-zip) files warn about their pickle protocol; the weights-only unpickler decides.
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read a `.pth` (torch.load with weights_only=True: no code from the file ever runs) or `.safetensors`.
 
@@ -81,7 +91,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             grouped.setdefault(section, {})[rest] = value
         return _check_sections(grouped, str(path))
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        raw = safe_torch_load(path)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
         raise CheckpointError(
             f"refusing to load {path}: it is not a plain tensor checkpoint (weights-only load failed: "

@@ -84,12 +84,10 @@ def random_voice_pack(seed: int) -> np.ndarray:
     return (base + rows * drift).astype(np.float32)
 
 
-def tiny_model(seed: int = 0) -> KModel:
-    """The tiny configuration with seeded random weights, adjusted to behave like speech in the ways tests
-    need: about 4 frames per phoneme (a negative duration bias) and a voiced F0 near 150 Hz (so the sine
-    source is on), with a quiet output (the post-conv gain scaled down so audio stays within [-1, 1])."""
-    torch.manual_seed(seed)
-    model = KModel(tiny_config_dict())
+def make_speechlike(model: KModel) -> None:
+    """Adjust random weights (tests only) to behave like speech where tests need it: about 4 frames per
+    phoneme (a negative duration bias), a voiced F0 near 150 Hz (so the sine source is on), and a quiet output
+    (the post-conv gain scaled down so audio stays within [-1, 1])."""
     with torch.no_grad():
         model.predictor.duration_proj.linear_layer.bias.fill_(-2.5)
         f0_bias, post_bias = model.predictor.F0_proj.bias, model.decoder.generator.conv_post.bias
@@ -98,13 +96,20 @@ def tiny_model(seed: int = 0) -> KModel:
         model.decoder.generator.conv_post.weight_g.mul_(0.05)
         post_bias.fill_(0.0)
         # The harmonic source's STFT phase is atan2 of rounding noise in its near-silent bins, and random
-        # weights amplify that chaotically (trained ones do not; docs/model.md). Tests compare audio across
-        # batch sizes, so the tiny model reads only the source's magnitudes.
+        # weights amplify that chaotically (docs/model.md). Tests compare audio across batch sizes, so the
+        # random models read only the source's magnitudes.
         half = model.config.istftnet.gen_istft_n_fft // 2 + 1
         for conv in model.decoder.generator.noise_convs:
             assert isinstance(conv, torch.nn.Conv1d)
             conv.weight[:, half:].zero_()
     model.fold_weight_norm()
+
+
+def tiny_model(seed: int = 0) -> KModel:
+    """The tiny configuration with seeded random weights made speech-like (see `make_speechlike`)."""
+    torch.manual_seed(seed)
+    model = KModel(tiny_config_dict())
+    make_speechlike(model)
     return model
 
 

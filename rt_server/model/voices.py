@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rt_server.model.checkpoint import safe_torch_load
 from rt_server.model.config import MAX_PHONEMES
 
 STYLE_DIM = 256  # 128 acoustic (decoder) + 128 prosody (predictor)
@@ -45,7 +46,7 @@ def load_voice_file(path: str | Path) -> dict[str, np.ndarray]:
     suffix = path.suffix
     try:
         if suffix == ".pt":
-            tensor = torch.load(path, map_location="cpu", weights_only=True)
+            tensor = safe_torch_load(path)
             if not isinstance(tensor, torch.Tensor):
                 raise VoiceError(f"{path}: expected a tensor, got {type(tensor).__name__}")
             return {path.stem: _validated(tensor.float().numpy(), str(path))}
