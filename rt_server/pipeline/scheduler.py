@@ -1,0 +1,211 @@
+"""The cross-session scheduler of one model: plans batches from the ready segments of all sessions. Pure.
+
+Inputs and outputs are plain dataclasses and time comes in as `now` (seconds, any monotonic origin). The
+engine thread owns one scheduler per model and calls it between model steps, so aborts take effect between
+steps.
+
+Policy:
+- A session's segments run in order: only the head of each session's queue is a candidate, one per batch.
+- Priority by playback deadline: a turn's first segment first (its listener hears nothing yet), then the
+  sessions whose audio runs out soonest, then arrival order.
+- A bounded batch: at most `max_batch_size` segments and `max_batch_tokens` padded tokens (batch size times
+  the longest item, the cost of a padded batched forward). The first candidate always fits (<= 512 tokens).
+- A bounded wait for more work (`max_wait_ms`), only when it pays: the batch is not full and no candidate is
+  urgent (a first segment, or a session whose audio runs out within `urgent_within_ms`).
+- Backpressure: a session whose unsent audio reaches `high_water_ms` is not planned again until it drains to
+  `low_water_ms`. Unsent audio is what the scheduler produced minus what the session reported as consumed
+  (sent, or discarded by `clear`), so it also counts results still on their way to the session.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from rt_server.pipeline.flow import WaterMarks
+from rt_server.pipeline.jobs import SegmentJob
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_batch_size: int = 8
+    max_batch_tokens: int = 4096
+    max_wait_ms: float = 5.0
+    urgent_within_ms: float = 500.0
+    high_water_ms: float = 2000.0
+    low_water_ms: float = 1000.0
+    # Bound on one session's queue; the session's own input bound keeps it far below this.
+    max_queued_per_session: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.max_batch_tokens < 1:
+            raise ValueError("batch bounds must be positive")
+        if self.max_wait_ms < 0 or not 0 <= self.low_water_ms <= self.high_water_ms:
+            raise ValueError("need max_wait_ms >= 0 and 0 <= low_water_ms <= high_water_ms")
+
+
+@dataclass(frozen=True)
+class Batch:
+    jobs: tuple[SegmentJob, ...]
+
+
+@dataclass(frozen=True)
+class Wait:
+    until: float
+
+
+@dataclass(frozen=True)
+class Idle:
+    pass
+
+
+Plan = Batch | Wait | Idle
+
+
+class SchedulerQueueFullError(Exception):
+    """More than `max_queued_per_session` segments from one session (a bug: sessions bound their input)."""
+
+
+@dataclass
+class _SessionState:
+    marks: WaterMarks
+    queue: deque[SegmentJob] = field(default_factory=deque)  # bound: max_queued_per_session
+    produced_ms: float = 0.0
+    consumed_ms: float = 0.0
+    turn_anchor_s: float | None = None  # when the current turn's first audio was produced
+    turn_audio_ms: float = 0.0
+
+    @property
+    def unsent_ms(self) -> float:
+        return max(0.0, self.produced_ms - self.consumed_ms)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self._sessions: dict[str, _SessionState] = {}
+
+    # -- commands --------------------------------------------------------------------------------------
+
+    def open_session(self, session_id: str) -> None:
+        self._sessions.setdefault(
+            session_id, _SessionState(WaterMarks(self.config.high_water_ms, self.config.low_water_ms))
+        )
+
+    def close_session(self, session_id: str) -> int:
+        """Forget a session; returns how many queued segments were dropped."""
+        state = self._sessions.pop(session_id, None)
+        return 0 if state is None else len(state.queue)
+
+    def submit(self, job: SegmentJob) -> None:
+        state = self._sessions.get(job.session_id)
+        if state is None:
+            return  # the session closed while the job was on its way
+        if len(state.queue) >= self.config.max_queued_per_session:
+            raise SchedulerQueueFullError(f"session {job.session_id} has {len(state.queue)} queued segments")
+        state.queue.append(job)
+
+    def abort(self, session_id: str) -> int:
+        """Drop a session's queued segments (its `clear`); returns how many. Running ones finish, and the
+        session discards their audio.
+        """
+        state = self._sessions.get(session_id)
+        if state is None:
+            return 0
+        dropped = len(state.queue)
+        state.queue.clear()
+        state.turn_anchor_s = None
+        state.turn_audio_ms = 0.0
+        return dropped
+
+    def report_consumed(self, session_id: str, consumed_ms: float) -> None:
+        """The session's running total of audio sent or discarded (monotonic; stale reports are harmless)."""
+        state = self._sessions.get(session_id)
+        if state is not None:
+            state.consumed_ms = max(state.consumed_ms, consumed_ms)
+
+    def complete(self, job: SegmentJob, audio_ms: float, now: float) -> None:
+        """A planned segment produced `audio_ms` of audio (0 for a failed segment)."""
+        state = self._sessions.get(job.session_id)
+        if state is None:
+            return
+        state.produced_ms += audio_ms
+        if job.first_in_turn or state.turn_anchor_s is None:
+            state.turn_anchor_s = now
+            state.turn_audio_ms = audio_ms
+        else:
+            state.turn_audio_ms += audio_ms
+
+    # -- queries ---------------------------------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        return sum(len(s.queue) for s in self._sessions.values())
+
+    @property
+    def num_sessions(self) -> int:
+        return len(self._sessions)
+
+    def unsent_ms(self, session_id: str) -> float:
+        state = self._sessions.get(session_id)
+        return 0.0 if state is None else state.unsent_ms
+
+    def is_paused(self, session_id: str) -> bool:
+        state = self._sessions.get(session_id)
+        return state is not None and state.marks.paused
+
+    def deadline(self, session_id: str, job: SegmentJob) -> float:
+        """When the session's listener runs out of audio, as far as the scheduler knows."""
+        state = self._sessions[session_id]
+        if job.first_in_turn or state.turn_anchor_s is None:
+            return job.submitted_at
+        return state.turn_anchor_s + state.turn_audio_ms / 1000.0
+
+    # -- planning --------------------------------------------------------------------------------------
+
+    def plan(self, now: float) -> Plan:
+        """The next step: a batch to run now (its jobs leave the queues), a time to wait until, or idle."""
+        candidates: list[tuple[tuple[int, float, float], SegmentJob]] = []
+        for session_id, state in self._sessions.items():
+            paused = state.marks.update(state.unsent_ms)
+            if paused or not state.queue:
+                continue
+            job = state.queue[0]
+            key = (0 if job.first_in_turn else 1, self.deadline(session_id, job), job.submitted_at)
+            candidates.append((key, job))
+        if not candidates:
+            return Idle()
+        candidates.sort(key=lambda c: c[0])
+        chosen = self._select([job for _, job in candidates])
+        if not self._should_run_now(candidates, chosen, now):
+            urgent_at = min(key[1] for key, _ in candidates) - self.config.urgent_within_ms / 1000.0
+            oldest = min(job.submitted_at for _, job in candidates)
+            until = min(oldest + self.config.max_wait_ms / 1000.0, urgent_at)
+            if until > now:
+                return Wait(until=until)
+        for job in chosen:
+            self._sessions[job.session_id].queue.popleft()
+        return Batch(jobs=tuple(chosen))
+
+    def _select(self, ordered: list[SegmentJob]) -> list[SegmentJob]:
+        chosen: list[SegmentJob] = []
+        longest = 0
+        for job in ordered:
+            if len(chosen) == self.config.max_batch_size:
+                break
+            padded = (len(chosen) + 1) * max(longest, job.tokens)
+            if chosen and padded > self.config.max_batch_tokens:
+                continue  # a shorter candidate further down may still fit
+            chosen.append(job)
+            longest = max(longest, job.tokens)
+        return chosen
+
+    def _should_run_now(
+        self, candidates: list[tuple[tuple[int, float, float], SegmentJob]], chosen: list[SegmentJob], now: float
+    ) -> bool:
+        if self.config.max_wait_ms == 0 or len(chosen) == self.config.max_batch_size:
+            return True
+        if len(chosen) < len(candidates):
+            return True  # the budget is already full: more work would not join this batch
+        urgent_s = self.config.urgent_within_ms / 1000.0
+        return any(key[0] == 0 or key[1] - now <= urgent_s for key, _ in candidates)

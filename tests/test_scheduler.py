@@ -1,0 +1,177 @@
+"""The cross-session scheduler: priorities, order, bounds, backpressure, bounded waiting (pure, `now` given)."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rt_server.pipeline.jobs import SegmentJob
+from rt_server.pipeline.scheduler import Batch, Idle, Scheduler, SchedulerConfig, Wait
+
+
+def _job(session: str, seq: int, n: int = 10, *, first: bool = False, at: float = 0.0) -> SegmentJob:
+    return SegmentJob(session, seq, "a" * n, "af_test", 1.0, first, at)
+
+
+def _scheduler(**overrides: float) -> Scheduler:
+    # no waiting and no backpressure unless a test asks for them
+    defaults = {"max_wait_ms": 0.0, "high_water_ms": 1e9, "low_water_ms": 1e9}
+    config = SchedulerConfig(**{**defaults, **overrides})  # type: ignore[arg-type]
+    return Scheduler(config)
+
+
+def _batch(plan: object) -> list[tuple[str, int]]:
+    assert isinstance(plan, Batch), plan
+    return [(j.session_id, j.seq) for j in plan.jobs]
+
+
+def test_idle_when_nothing_is_queued() -> None:
+    sched = _scheduler()
+    sched.open_session("a")
+    assert isinstance(sched.plan(0.0), Idle)
+
+
+def test_one_segment_per_session_per_batch_in_order() -> None:
+    sched = _scheduler()
+    sched.open_session("a")
+    for seq in range(3):
+        sched.submit(_job("a", seq))
+    assert _batch(sched.plan(0.0)) == [("a", 0)]
+    assert _batch(sched.plan(0.0)) == [("a", 1)]
+    assert _batch(sched.plan(0.0)) == [("a", 2)]
+
+
+def test_first_segment_of_a_turn_goes_first_then_earliest_deadline() -> None:
+    sched = _scheduler(max_batch_size=1)
+    for name in "abc":
+        sched.open_session(name)
+    # a and b are mid-turn; b's audio runs out sooner
+    sched.submit(_job("a", 0, first=True))
+    sched.submit(_job("b", 0, first=True))
+    assert _batch(sched.plan(0.0)) == [("a", 0)]
+    sched.complete(_job("a", 0, first=True), audio_ms=5000, now=1.0)  # a has 5 s of audio from t=1
+    assert _batch(sched.plan(1.0)) == [("b", 0)]
+    sched.complete(_job("b", 0, first=True), audio_ms=1000, now=1.0)  # b has 1 s
+    sched.submit(_job("a", 1, at=1.5))
+    sched.submit(_job("b", 1, at=1.6))
+    sched.submit(_job("c", 0, first=True, at=1.7))
+    assert _batch(sched.plan(1.8)) == [("c", 0)]  # a new turn first
+    assert _batch(sched.plan(1.8)) == [("b", 1)]  # runs out at 2.0
+    assert _batch(sched.plan(1.8)) == [("a", 1)]  # runs out at 6.0
+
+
+def test_batch_size_and_padded_token_budget() -> None:
+    sched = _scheduler(max_batch_size=3, max_batch_tokens=600)
+    for i in range(5):
+        sched.open_session(f"s{i}")
+        sched.submit(_job(f"s{i}", 0, n=98 if i != 1 else 400, at=i))
+    # s0 (100 tokens), s1 (402: 2 x 402 > 600, skipped), s2, s3 (3 x 100)
+    assert _batch(sched.plan(10.0)) == [("s0", 0), ("s2", 0), ("s3", 0)]
+    assert _batch(sched.plan(10.0)) == [("s1", 0)]  # alone it always fits
+    assert _batch(sched.plan(10.0)) == [("s4", 0)]
+
+
+def test_backpressure_pauses_at_high_water_and_resumes_below_low_water() -> None:
+    sched = _scheduler(high_water_ms=1000, low_water_ms=400)
+    sched.open_session("a")
+    for seq in range(4):
+        sched.submit(_job("a", seq))
+    job0 = sched.plan(0.0)
+    assert _batch(job0) == [("a", 0)]
+    sched.complete(_job("a", 0), audio_ms=1200, now=0.1)
+    assert isinstance(sched.plan(0.1), Idle)  # 1200 ms unsent >= high water
+    assert sched.is_paused("a")
+    sched.report_consumed("a", 700)  # 500 unsent: still above low water
+    assert isinstance(sched.plan(0.2), Idle)
+    sched.report_consumed("a", 300)  # stale, lower report: ignored
+    assert sched.unsent_ms("a") == 500
+    sched.report_consumed("a", 800)  # 400 unsent: resume
+    assert _batch(sched.plan(0.3)) == [("a", 1)]
+
+
+def test_a_paused_session_does_not_hold_up_others() -> None:
+    sched = _scheduler(high_water_ms=1000, low_water_ms=500, max_batch_size=4)
+    sched.open_session("slow")
+    sched.open_session("fast")
+    sched.submit(_job("slow", 0))
+    sched.plan(0.0)
+    sched.complete(_job("slow", 0), audio_ms=3000, now=0.0)
+    for seq in range(3):
+        sched.submit(_job("slow", seq + 1))
+        sched.submit(_job("fast", seq))
+    for seq in range(3):
+        assert _batch(sched.plan(1.0)) == [("fast", seq)]
+        sched.complete(_job("fast", seq), audio_ms=100, now=1.0)
+        sched.report_consumed("fast", 100 * (seq + 1))
+
+
+def test_abort_drops_queued_work_and_close_forgets_the_session() -> None:
+    sched = _scheduler()
+    sched.open_session("a")
+    sched.open_session("b")
+    for seq in range(3):
+        sched.submit(_job("a", seq))
+    sched.submit(_job("b", 0))
+    assert sched.abort("a") == 3
+    assert _batch(sched.plan(0.0)) == [("b", 0)]
+    sched.submit(_job("a", 3))
+    assert sched.close_session("a") == 1
+    assert isinstance(sched.plan(0.0), Idle)
+    sched.submit(_job("a", 4))  # late submit for a closed session: ignored
+    sched.complete(_job("a", 4), 100, 0.0)
+    assert sched.queue_depth == 0
+
+
+def test_waits_a_bounded_time_only_when_nothing_is_urgent() -> None:
+    sched = _scheduler(max_wait_ms=10, urgent_within_ms=200, max_batch_size=4)
+    sched.open_session("a")
+    sched.open_session("b")
+    # a new turn is urgent: no waiting
+    sched.submit(_job("a", 0, first=True, at=0.0))
+    assert _batch(sched.plan(0.0)) == [("a", 0)]
+    sched.complete(_job("a", 0, first=True), audio_ms=5000, now=0.0)
+    # a has 5 s of audio left: its next segment may wait up to 10 ms for company
+    sched.submit(_job("a", 1, at=1.0))
+    plan = sched.plan(1.0)
+    assert isinstance(plan, Wait)
+    assert plan.until == 1.0 + 0.010
+    sched.submit(_job("b", 0, first=True, at=1.005))  # company arrives, and it is urgent
+    assert sorted(_batch(sched.plan(1.005))) == [("a", 1), ("b", 0)]
+    # once the wait is over, it runs alone
+    sched.submit(_job("a", 2, at=2.0))
+    assert isinstance(sched.plan(2.0), Wait)
+    assert _batch(sched.plan(2.011)) == [("a", 2)]
+    # close to running out: urgent, no wait (a's audio ends at 5.0)
+    sched.submit(_job("a", 3, at=4.85))
+    assert _batch(sched.plan(4.85)) == [("a", 3)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 5), st.integers(1, 510), st.booleans()), min_size=1, max_size=60),
+    st.integers(1, 8),
+    st.integers(512, 4096),
+)
+def test_never_exceeds_its_budget_and_keeps_each_session_in_order(
+    jobs: list[tuple[int, int, bool]], max_batch_size: int, max_batch_tokens: int
+) -> None:
+    sched = _scheduler(max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens)
+    seqs: dict[str, int] = {}
+    for i, (session, n, first) in enumerate(jobs):
+        name = f"s{session}"
+        sched.open_session(name)
+        seqs[name] = seqs.get(name, -1) + 1
+        sched.submit(_job(name, seqs[name], n=n, first=first, at=i * 0.01))
+    done: dict[str, list[int]] = {}
+    while not isinstance(plan := sched.plan(100.0), Idle):
+        assert isinstance(plan, Batch)
+        batch = plan.jobs
+        assert 1 <= len(batch) <= max_batch_size
+        assert len(batch) == 1 or len(batch) * max(j.tokens for j in batch) <= max_batch_tokens
+        assert len({j.session_id for j in batch}) == len(batch)
+        for job in batch:
+            done.setdefault(job.session_id, []).append(job.seq)
+            sched.complete(job, 0.0, 100.0)
+    for name, order in done.items():
+        assert order == list(range(seqs[name] + 1))
+    assert sum(len(v) for v in done.values()) == len(jobs)

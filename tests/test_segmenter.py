@@ -1,0 +1,163 @@
+"""Segmenter rules and invariants (property-based)."""
+
+from __future__ import annotations
+
+import itertools
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rt_server.pipeline.segmenter import SENTENCE_END, Segment, Segmenter
+
+MAX = 60
+
+
+def _segmenter(first: int = 8, clause: int = 30, max_phonemes: int = MAX) -> Segmenter:
+    return Segmenter(max_phonemes=max_phonemes, first_segment_min_phonemes=first, clause_min_phonemes=clause)
+
+
+def _texts(segments: list[Segment]) -> list[str]:
+    return [s.text.strip() for s in segments]
+
+
+def test_cuts_at_sentence_end_and_waits_for_the_rest() -> None:
+    seg = _segmenter(first=MAX)
+    seg.append("ab cd. ef gh")
+    assert _texts(seg.cut()) == ["ab cd."]
+    assert seg.pending == " ef gh"
+    assert seg.cut() == []
+
+
+def test_sentence_end_at_the_very_end_waits_for_more_input() -> None:
+    seg = _segmenter(first=MAX)
+    seg.append("ab cd.")
+    assert seg.cut() == []  # "cd." may continue ("cd.." or more punctuation)
+    seg.append(" ")
+    assert _texts(seg.cut()) == ["ab cd."]
+
+
+def test_first_segment_of_a_turn_is_short() -> None:
+    seg = _segmenter(first=5)
+    seg.append("ab cd ef gh ij kl mn op ")
+    first, *_ = seg.cut()
+    assert first.text.strip() == "ab cd"
+    assert first.first_in_turn
+    # later segments wait for punctuation
+    assert seg.cut() == []
+
+
+def test_first_segment_cuts_at_a_clause() -> None:
+    seg = _segmenter(first=MAX)
+    seg.append("ab, cd ef ")
+    assert _texts(seg.cut()) == ["ab,"]
+
+
+def test_clause_cut_needs_length_after_the_first_segment() -> None:
+    seg = _segmenter(first=2, clause=10)
+    seg.append("xx yy aa, bb, cc dd ee ff, gg ")
+    out = seg.cut()
+    assert _texts(out) == ["xx", "yy aa, bb,", "cc dd ee ff,"]
+    assert [s.first_in_turn for s in out] == [True, False, False]
+
+
+def test_end_turn_makes_the_next_segment_first_again() -> None:
+    seg = _segmenter(first=MAX)
+    seg.append("aa bb. cc dd")
+    seg.cut(force=True)
+    seg.end_turn()
+    seg.append("ee ff. ")
+    assert [s.first_in_turn for s in seg.cut()] == [True]
+
+
+def test_closing_quote_stays_with_the_sentence() -> None:
+    seg = _segmenter(first=MAX)
+    seg.append("“ab cd.” ef ")
+    assert _texts(seg.cut()) == ["“ab cd.”"]
+
+
+def test_long_input_without_punctuation_is_cut_at_word_boundaries_within_the_limit() -> None:
+    seg = _segmenter(first=8, clause=MAX)
+    words = ["abcdefgh"] * 30
+    seg.append(" ".join(words) + " ")
+    out = seg.cut()
+    assert out, "over the limit: must cut without waiting for punctuation"
+    assert all(len(t) <= MAX for t in _texts(out))
+    assert all(t.split() and all(w == "abcdefgh" for w in t.split()) for t in _texts(out))
+
+
+def test_prefers_clause_over_word_when_over_the_limit() -> None:
+    seg = _segmenter(first=1, clause=MAX)
+    seg.append("a ")
+    seg.cut()  # the short first segment
+    seg.append("bbbb, " + "cccc " * 14)
+    out = seg.cut()
+    assert _texts(out)[0] == "bbbb,"
+
+
+def test_word_too_long_is_detected_across_messages() -> None:
+    seg = _segmenter()
+    assert not seg.word_too_long("x" * MAX)
+    assert seg.word_too_long("x" * (MAX + 1))
+    seg.append("ab " + "y" * (MAX - 1))
+    assert seg.word_too_long("yy ")
+    assert not seg.word_too_long(" yy")
+
+
+def test_reset_drops_input() -> None:
+    seg = _segmenter()
+    seg.append("ab cd")
+    seg.reset()
+    assert seg.pending == ""
+    assert seg.cut(force=True) == []
+
+
+_WORD = st.text(alphabet="abəɪˈː", min_size=1, max_size=12)
+_PUNCT = st.sampled_from(["", "", "", ".", ",", "!", "?", ";", "—", "…", ".”", ")"])
+_SPACE = st.sampled_from([" ", " ", "  ", "\n", " \t"])
+
+
+@st.composite
+def _pieces(draw: st.DrawFn) -> list[str]:
+    tokens = draw(st.lists(st.tuples(_WORD, _PUNCT, _SPACE), min_size=1, max_size=60))
+    text = "".join(w + p + s for w, p, s in tokens)
+    # split into arbitrary messages
+    cuts = sorted(draw(st.lists(st.integers(0, len(text)), max_size=6)))
+    bounds = [0, *cuts, len(text)]
+    return [text[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(_pieces(), st.integers(1, 40), st.integers(1, 60))
+def test_invariants(pieces: list[str], first: int, clause: int) -> None:
+    seg = _segmenter(first=min(first, MAX), clause=min(clause, MAX))
+    text = "".join(pieces)
+    out = []
+    appended = ""
+    for piece in pieces:
+        seg.append(piece)
+        appended += piece
+        out.extend(seg.cut())
+        # segments plus what is pending give back the input, exactly
+        assert "".join(s.text for s in out) + seg.pending == appended
+    out.extend(seg.cut(force=True))
+    assert seg.pending == ""
+    # nothing lost: the words come back in order
+    assert "".join(s.text for s in out).split() == text.split()
+    for s in out:
+        stripped = s.text.strip()
+        assert stripped, "no blank segments"
+        assert len(stripped) <= MAX, "never over the model's limit"
+    # never inside a word: every cut falls between a word's end and whitespace
+    position = 0
+    for s in out[:-1]:
+        position += len(s.text)
+        assert not text[position - 1].isspace()
+        assert text[position].isspace()
+    # sentence punctuation followed by whitespace always ends a segment
+    for s in out:
+        core = s.text.strip()
+        for i, ch in enumerate(core[:-1]):
+            if ch in SENTENCE_END and core[i + 1].isspace():
+                raise AssertionError(f"sentence end inside a segment: {core!r}")
+    assert out[0].first_in_turn
+    assert not any(s.first_in_turn for s in out[1:])
