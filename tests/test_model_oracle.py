@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import sys
 import types
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,7 @@ def _import_reference() -> Any:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[KModel, Any]]:
+def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[KModel, Any]:
     reference_cls = _import_reference()
     torch.manual_seed(0)
     ours = KModel()
@@ -58,7 +57,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[KModel, A
         theirs = getattr(reference, section).state_dict()
         for key, value in state.items():
             assert torch.equal(theirs[key], value), f"{section}.{key} did not reach the reference"
-    yield ours, reference
+    return ours, reference
 
 
 def _reference_run(reference: Any, phonemes: str, style: torch.Tensor, seed: int | None) -> Any:

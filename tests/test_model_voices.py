@@ -12,7 +12,7 @@ from rt_server.model.runner import random_voice_pack
 from rt_server.model.voices import VoiceError, VoiceLibrary, load_voice_file, parse_blend, style_row
 
 
-@pytest.fixture()
+@pytest.fixture
 def voice_dir(tmp_path: Path) -> Path:
     a, b, c = random_voice_pack(1), random_voice_pack(2), random_voice_pack(3)
     torch.save(torch.from_numpy(a).reshape(510, 1, 256), tmp_path / "af_alpha.pt")
