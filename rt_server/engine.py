@@ -1,0 +1,414 @@
+"""The engine of one model: an executor thread that owns the model and runs what the scheduler plans.
+
+The thread loops: apply commands (open, submit, abort, consumed reports, calls), plan with the pure scheduler,
+run one batch, post the outcomes to the event loop as plain numpy data. Commands are applied between steps, so
+a `clear` or a disconnect (an abort) takes effect before the next batch. The thread never waits on a session:
+results go out through `loop.call_soon_threadsafe`, and sessions bound their own buffers, which the scheduler
+respects through consumed reports.
+
+The model is loaded in the thread itself (`load` is called there), so nothing here imports torch; the lifespan
+passes a loader that imports `rt_server.model` lazily.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Protocol, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from rt_server.pipeline.jobs import (
+    SOURCE_SAMPLE_RATE_HZ,
+    SegmentAudio,
+    SegmentFailed,
+    SegmentJob,
+    SegmentOutcome,
+)
+from rt_server.pipeline.scheduler import Batch, Scheduler, SchedulerConfig, Wait
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Commands waiting for the engine thread. Sessions bound what they submit (pending phonemes and tickets), so
+# this is far above normal use: 65536 commands of ~200 B is ~13 MiB at worst. Beyond it `submit` raises.
+MAX_QUEUED_COMMANDS: Final = 65_536
+# Code points probed once at load to take a plain snapshot of the vocabulary (the Basic Multilingual Plane,
+# surrogates excluded): Kokoro's symbols are single BMP code points.
+_PROBE: Final = "".join(chr(c) for c in range(0x21, 0x10000) if not 0xD800 <= c <= 0xDFFF)
+
+
+class SynthesisResultLike(Protocol):
+    @property
+    def audio(self) -> npt.NDArray[Any]: ...
+    @property
+    def durations(self) -> npt.NDArray[Any]: ...
+
+
+class ModelRunnerLike(Protocol):
+    """What the engine needs of `rt_server.model.runner.ModelRunner` (not thread-safe: one thread calls
+    it).
+    """
+
+    name: str
+    sample_rate_hz: int
+    max_phonemes: int
+
+    def unknown_symbols(self, phonemes: str) -> list[str]: ...
+    def voice_names(self) -> list[str]: ...
+    def check_voice(self, spec: str) -> None: ...
+    def synthesize(self, requests: Sequence[Any]) -> Sequence[SynthesisResultLike]: ...
+    def warmup(self) -> None: ...
+
+
+# Builds the runner's request type: (phonemes, voice, speed, seed) -> SynthesisRequest.
+RequestFactory = Callable[[str, str, float, int | None], Any]
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    runner: ModelRunnerLike
+    make_request: RequestFactory
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A plain snapshot of a loaded model, readable from the event loop."""
+
+    name: str
+    sample_rate_hz: int
+    max_phonemes: int
+    voices: tuple[str, ...]
+    vocabulary: frozenset[str]
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    """What one step did, for metrics."""
+
+    model: str
+    size: int
+    tokens: int
+    compute_s: float
+    audio_s: float
+    failed: bool
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    queue_depth: int = 0
+    sessions: int = 0
+    batches: int = 0
+    running: int = 0  # segments in the batch running now
+
+
+class EngineOverloadedError(RuntimeError):
+    """More than MAX_QUEUED_COMMANDS commands are waiting for the engine thread."""
+
+
+@dataclass(frozen=True)
+class _Open:
+    session_id: str
+
+
+@dataclass(frozen=True)
+class _Close:
+    session_id: str
+
+
+@dataclass(frozen=True)
+class _Abort:
+    session_id: str
+
+
+@dataclass(frozen=True)
+class _Call:
+    fn: Callable[[ModelRunnerLike], Any]
+    future: concurrent.futures.Future[Any]
+
+
+_Command = _Open | _Close | _Abort | SegmentJob | _Call
+
+
+class _Inbox:
+    """Commands for the engine thread; consumed reports are coalesced per session (latest wins)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._commands: deque[_Command] = deque()  # bound: MAX_QUEUED_COMMANDS
+        self._consumed: dict[str, float] = {}  # bound: one entry per open session
+        self.stopping = False
+
+    def put(self, command: _Command) -> None:
+        with self._cond:
+            if len(self._commands) >= MAX_QUEUED_COMMANDS:
+                raise EngineOverloadedError("engine command queue is full")
+            self._commands.append(command)
+            self._cond.notify()
+
+    def report(self, session_id: str, consumed_ms: float) -> None:
+        with self._cond:
+            self._consumed[session_id] = max(consumed_ms, self._consumed.get(session_id, 0.0))
+            self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self.stopping = True
+            self._cond.notify()
+
+    def take(self, timeout_s: float | None) -> tuple[list[_Command], dict[str, float]]:
+        """Everything waiting; blocks up to `timeout_s` (None: until something arrives) when nothing is."""
+        with self._cond:
+            if not self._commands and not self._consumed and not self.stopping and timeout_s != 0:
+                self._cond.wait(timeout_s)
+            commands, consumed = list(self._commands), self._consumed
+            self._commands.clear()
+            self._consumed = {}
+            return commands, consumed
+
+
+Deliver = Callable[[SegmentOutcome], None]
+
+
+class ModelEngine:
+    """One model, its executor thread and its scheduler. Methods are called from the event loop."""
+
+    def __init__(
+        self,
+        name: str,
+        load: Callable[[], LoadedModel],
+        scheduler_config: SchedulerConfig,
+        *,
+        noise: bool,
+        on_batch: Callable[[BatchReport], None] | None = None,
+    ) -> None:
+        self.name = name
+        self._load = load
+        self._scheduler_config = scheduler_config
+        self._noise = noise
+        self._on_batch = on_batch
+        self._inbox = _Inbox()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._deliver: dict[str, Deliver] = {}  # event-loop side: open sessions
+        self._info: ModelInfo | None = None
+        self.stats = EngineStats()  # replaced (never mutated) by the engine thread
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+
+    async def start(self) -> ModelInfo:
+        """Start the thread, load and warm the model there; returns once it is ready (raises if loading
+        fails).
+        """
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        ready: concurrent.futures.Future[ModelInfo] = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._run, args=(ready,), name=f"engine-{self.name}", daemon=True)
+        self._thread.start()
+        self._info = await asyncio.wrap_future(ready)
+        return self._info
+
+    async def stop(self) -> None:
+        """Stop after the running step; waits for the thread to end."""
+        self._inbox.stop()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+
+    @property
+    def ready(self) -> bool:
+        return self._info is not None and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def info(self) -> ModelInfo:
+        if self._info is None:
+            raise RuntimeError(f"model {self.name!r} is not loaded")
+        return self._info
+
+    # -- the session-facing API (see rt_server.pipeline.session.SynthesisBackend) ------------------------
+
+    @property
+    def max_phonemes(self) -> int:
+        return self.info.max_phonemes
+
+    @property
+    def voices(self) -> tuple[str, ...]:
+        return self.info.voices
+
+    def unknown_symbols(self, text: str) -> list[str]:
+        vocabulary = self.info.vocabulary
+        return [c for c in dict.fromkeys(text) if c not in vocabulary]
+
+    async def check_voice(self, spec: str) -> str | None:
+        """None if `spec` names a voice or a valid blend, else the runner's message."""
+
+        def check(runner: ModelRunnerLike) -> str | None:
+            try:
+                runner.check_voice(spec)
+            except ValueError as exc:  # VoiceError is a ValueError
+                return str(exc)
+            return None
+
+        result: str | None = await self.call(check)
+        return result
+
+    async def call(self, fn: Callable[[ModelRunnerLike], T]) -> T:
+        """Run `fn(runner)` on the engine thread between steps."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._inbox.put(_Call(fn, future))
+        return await asyncio.wrap_future(future)
+
+    def open_session(self, session_id: str, deliver: Deliver) -> None:
+        self._deliver[session_id] = deliver
+        self._inbox.put(_Open(session_id))
+
+    def close_session(self, session_id: str) -> None:
+        """Forget the session: its queued work is dropped, results still running are discarded."""
+        if self._deliver.pop(session_id, None) is not None:
+            self._inbox.put(_Close(session_id))
+
+    def submit(self, job: SegmentJob) -> None:
+        self._inbox.put(job)
+
+    def abort(self, session_id: str) -> None:
+        self._inbox.put(_Abort(session_id))
+
+    def report_consumed(self, session_id: str, consumed_ms: float) -> None:
+        self._inbox.report(session_id, consumed_ms)
+
+    @property
+    def open_sessions(self) -> int:
+        return len(self._deliver)
+
+    def _dispatch(self, outcomes: list[SegmentOutcome], report: BatchReport | None) -> None:
+        """On the event loop: hand each outcome to its session, if it is still open."""
+        for outcome in outcomes:
+            deliver = self._deliver.get(outcome.session_id)
+            if deliver is not None:
+                deliver(outcome)
+        if report is not None and self._on_batch is not None:
+            self._on_batch(report)
+
+    # -- the engine thread -------------------------------------------------------------------------------
+
+    def _run(self, ready: concurrent.futures.Future[ModelInfo]) -> None:
+        try:
+            loaded = self._load()
+            loaded.runner.warmup()
+            runner = loaded.runner
+            info = ModelInfo(
+                name=self.name,
+                sample_rate_hz=runner.sample_rate_hz,
+                max_phonemes=runner.max_phonemes,
+                voices=tuple(runner.voice_names()),
+                vocabulary=frozenset(_PROBE) - frozenset(runner.unknown_symbols(_PROBE)) | {" "},
+            )
+            if info.sample_rate_hz != SOURCE_SAMPLE_RATE_HZ:
+                raise ValueError(f"model {self.name!r} runs at {info.sample_rate_hz} Hz, expected 24000")
+        except BaseException as exc:
+            ready.set_exception(exc)
+            return
+        ready.set_result(info)
+        try:
+            self._serve(loaded)
+        except BaseException:
+            log.exception("engine %s stopped by an unexpected error", self.name)
+            raise
+
+    def _serve(self, loaded: LoadedModel) -> None:
+        scheduler = Scheduler(self._scheduler_config)
+        rng = np.random.default_rng()  # seeds for the sine-source noise when `noise` is on
+        timeout_s: float | None = None
+        batches = 0
+        while True:
+            commands, consumed = self._inbox.take(timeout_s)
+            if self._inbox.stopping:
+                for command in commands:
+                    if isinstance(command, _Call) and command.future.set_running_or_notify_cancel():
+                        command.future.set_exception(RuntimeError(f"engine {self.name} stopped"))
+                return
+            for command in commands:
+                self._apply(scheduler, loaded.runner, command)
+            for session_id, consumed_ms in consumed.items():
+                scheduler.report_consumed(session_id, consumed_ms)
+            now = time.monotonic()
+            plan = scheduler.plan(now)
+            if isinstance(plan, Batch):
+                self.stats = EngineStats(scheduler.queue_depth, scheduler.num_sessions, batches, len(plan.jobs))
+                self._run_batch(scheduler, loaded, plan.jobs, rng)
+                batches += 1
+                timeout_s = 0.0
+            elif isinstance(plan, Wait):
+                timeout_s = max(0.0, plan.until - now)
+            else:
+                timeout_s = None
+            self.stats = EngineStats(scheduler.queue_depth, scheduler.num_sessions, batches, 0)
+
+    def _apply(self, scheduler: Scheduler, runner: ModelRunnerLike, command: _Command) -> None:
+        if isinstance(command, SegmentJob):
+            scheduler.submit(command)
+        elif isinstance(command, _Open):
+            scheduler.open_session(command.session_id)
+        elif isinstance(command, _Close):
+            scheduler.close_session(command.session_id)
+        elif isinstance(command, _Abort):
+            scheduler.abort(command.session_id)
+        elif command.future.set_running_or_notify_cancel():
+            try:
+                command.future.set_result(command.fn(runner))
+            except Exception as exc:
+                command.future.set_exception(exc)
+
+    def _run_batch(
+        self,
+        scheduler: Scheduler,
+        loaded: LoadedModel,
+        jobs: tuple[SegmentJob, ...],
+        rng: np.random.Generator,
+    ) -> None:
+        requests = [
+            loaded.make_request(job.phonemes, job.voice, job.speed, int(rng.integers(2**31)) if self._noise else None)
+            for job in jobs
+        ]
+        started = time.perf_counter()
+        outcomes: list[SegmentOutcome] = []
+        try:
+            results = loaded.runner.synthesize(requests)
+            if len(results) != len(jobs):
+                raise RuntimeError(f"runner returned {len(results)} results for {len(jobs)} requests")
+            audios = [_plain(job, result) for job, result in zip(jobs, results, strict=True)]
+        except Exception:
+            log.exception("model %s: a batch of %d segments failed", self.name, len(jobs))
+            failed = True
+            for job in jobs:
+                outcomes.append(SegmentFailed(job.session_id, job.seq, "synthesis failed"))
+                scheduler.complete(job, 0.0, time.monotonic())
+        else:
+            failed = False
+            for job, audio in zip(jobs, audios, strict=True):
+                outcomes.append(audio)
+                scheduler.complete(job, audio.duration_ms, time.monotonic())
+        compute_s = time.perf_counter() - started
+        audio_s = sum(o.duration_ms for o in outcomes if isinstance(o, SegmentAudio)) / 1000.0
+        report = BatchReport(self.name, len(jobs), sum(j.tokens for j in jobs), compute_s, audio_s, failed)
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(self._dispatch, outcomes, report)
+        except RuntimeError:  # the loop is closed: the server is going away
+            self._inbox.stop()
+
+
+def _plain(job: SegmentJob, result: SynthesisResultLike) -> SegmentAudio:
+    """Copy the result into plain numpy arrays the event loop can own."""
+    audio = np.ascontiguousarray(result.audio, dtype=np.float32).reshape(-1)
+    durations = np.ascontiguousarray(result.durations, dtype=np.int64).reshape(-1)
+    if len(durations) != len(job.phonemes) + 2:
+        raise RuntimeError(f"runner returned {len(durations)} durations for {len(job.phonemes)} phonemes")
+    return SegmentAudio(job.session_id, job.seq, audio, durations)

@@ -1,0 +1,563 @@
+"""One streaming session of protocol v1 (asyncio, no web framework: the socket is behind `Transport`).
+
+A reader and a writer task, owned by one TaskGroup in `run`. Everything between them is synchronous: messages,
+engine outcomes and timers update the session's state and queue output; the writer alone awaits the socket.
+
+Output path: segment outcomes fill the session's tickets (in submission order, with flush and close markers
+between them); `_pump` moves ready audio through the output chain (resample, encode, frame) into the outbox
+while the outbox holds less than `max_buffer_ms`, so the framed audio waiting for the socket stays within that
+bound (plus one frame) and at most one synthesised segment waits unframed behind it. The engine's scheduler
+stops planning for the session at `max_buffer_ms` of unsent audio and resumes below the low-water mark, from
+the consumed reports this session sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Final, Protocol
+
+from rt_server.pipeline.audio_out import AudioOutput
+from rt_server.pipeline.flow import Pacer
+from rt_server.pipeline.jobs import SegmentAudio, SegmentJob, SegmentOutcome
+from rt_server.pipeline.outbox import AudioFrame, CloseFrame, Outbox, TextEvent
+from rt_server.pipeline.segmenter import Segmenter
+from rt_server.pipeline.session_config import SessionConfig
+from rt_server.pipeline.tickets import CloseTicket, FlushTicket, SegmentTicket, Tickets
+from rt_server.protocol import (
+    Clear,
+    Cleared,
+    ClientMessage,
+    Close,
+    CloseCode,
+    Done,
+    ErrorCode,
+    ErrorEvent,
+    Flush,
+    Flushed,
+    Limits,
+    Phonemes,
+    ProtocolError,
+    Ready,
+    ServerEvent,
+    Start,
+    WarningEvent,
+    close_code_for,
+    close_reason_for,
+    encode_event,
+    error_from,
+    parse_client_message,
+)
+
+log = logging.getLogger(__name__)
+
+# Waiting for a stuck socket to take a close frame is pointless past this: the transport is abandoned.
+_CLOSE_TIMEOUT_S: Final = 2.0
+
+
+class TransportClosedError(Exception):
+    """The peer is gone: raised by a `Transport` when sending is no longer possible."""
+
+
+class Transport(Protocol):
+    """The WebSocket as the session sees it (rt_server.ws_endpoint adapts Starlette's)."""
+
+    async def receive(self) -> str | bytes | None:
+        """The next message; None once the peer has disconnected."""
+        ...
+
+    async def send_text(self, text: str) -> None: ...
+    async def send_bytes(self, data: bytes) -> None: ...
+    async def close(self, code: int, reason: str) -> None: ...
+
+
+class SynthesisBackend(Protocol):
+    """What a session needs of a model's engine (rt_server.engine.ModelEngine)."""
+
+    @property
+    def max_phonemes(self) -> int: ...
+    @property
+    def voices(self) -> tuple[str, ...]: ...
+    def unknown_symbols(self, text: str) -> list[str]: ...
+    async def check_voice(self, spec: str) -> str | None: ...
+    def open_session(self, session_id: str, deliver: Callable[[SegmentOutcome], None]) -> None: ...
+    def close_session(self, session_id: str) -> None: ...
+    def submit(self, job: SegmentJob) -> None: ...
+    def abort(self, session_id: str) -> None: ...
+    def report_consumed(self, session_id: str, consumed_ms: float) -> None: ...
+
+
+class SessionObserver(Protocol):
+    """Metrics hooks."""
+
+    def on_session_admitted(self) -> None: ...
+    def on_error(self, code: ErrorCode) -> None: ...
+    def on_first_audio(self, seconds: float) -> None: ...
+
+
+class State(enum.Enum):
+    AWAITING_START = "awaiting_start"
+    STREAMING = "streaming"
+    CLOSING = "closing"  # `close`, shutdown or a fatal error: no more input, the writer finishes up
+    ENDED = "ended"
+
+
+class Session:
+    def __init__(
+        self,
+        session_id: str,
+        transport: Transport,
+        backends: Mapping[str, SynthesisBackend],
+        default_model: str,
+        config: SessionConfig,
+        observer: SessionObserver,
+    ) -> None:
+        self.session_id = session_id
+        self._transport = transport
+        self._backends = backends
+        self._default_model = default_model
+        self._config = config
+        self._observer = observer
+        self._log = logging.LoggerAdapter(log, {"session_id": session_id})
+        self.state = State.AWAITING_START
+        self.ended = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._outbox = Outbox(config.max_control_events)
+        self._tickets = Tickets()
+        self._backend: SynthesisBackend | None = None
+        self._start: Start | None = None
+        self._voice = ""
+        self._segmenter: Segmenter | None = None
+        self._audio: AudioOutput | None = None
+        self._pacer = Pacer(lead_ms=0, enabled=False)
+        self._next_seq = 0
+        self._first_live_seq = 0  # outcomes of earlier segments were cleared: discard them
+        self._received_ms = 0.0  # audio received from the engine, stale included
+        self._reported_ms = 0.0
+        self._sent_samples = 0
+        self._ttfa_since: float | None = None
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._end_reason = ""
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the session until it closes or the peer goes; never raises for protocol or peer problems."""
+        loop = asyncio.get_running_loop()
+        self._timers["start"] = loop.call_later(self._config.start_timeout_s, self._on_start_timeout)
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                reader = tasks.create_task(self._read_loop(), name=f"session-{self.session_id}-reader")
+                writer = tasks.create_task(self._write_loop(), name=f"session-{self.session_id}-writer")
+                await self.ended.wait()
+                reader.cancel()
+                writer.cancel()
+        except* Exception:
+            self._log.exception("session %s failed", self.session_id)
+            await self._close_internal_error()
+        finally:
+            self._end("finished")
+            for timer in self._timers.values():
+                timer.cancel()
+            if self._backend is not None:
+                self._backend.close_session(self.session_id)
+
+    def _end(self, reason: str) -> None:
+        if self.state is not State.ENDED:
+            self.state = State.ENDED
+            self._end_reason = reason
+            self.ended.set()
+
+    async def _close_internal_error(self) -> None:
+        """Best effort: an `internal` error event and close 1011 with no reason text."""
+        self._observer.on_error(ErrorCode.INTERNAL)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(_CLOSE_TIMEOUT_S):
+                await self._transport.send_text(encode_event(ErrorEvent(ErrorCode.INTERNAL, "internal server error")))
+                await self._transport.close(CloseCode.INTERNAL_ERROR, "")
+
+    def begin_shutdown(self) -> None:
+        """Server shutdown: take no more input, finish what is pending, then `error` + close 1001."""
+        if self.state is State.AWAITING_START:
+            self.fail(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
+        elif self.state is State.STREAMING:
+            self._cut(force=True)
+            self._tickets.append(CloseTicket(ErrorCode.SHUTTING_DOWN))
+            self.state = State.CLOSING
+            self._pump()
+
+    def fail(self, code: ErrorCode, message: str) -> None:
+        """A fatal error: drop pending work and output, send `error`, then close with the mapped code."""
+        if self.state is State.ENDED:
+            return
+        close_code = close_code_for(code)
+        assert close_code is not None, code
+        self._observer.on_error(code)
+        self.state = State.CLOSING
+        self._cancel_timer("idle")
+        self._drop_pending()
+        self._outbox.clear_control()
+        self._outbox.push_control(TextEvent(encode_event(ErrorEvent(code, message))))
+        self._outbox.push_control(CloseFrame(close_code, close_reason_for(code)))
+        self._wake.set()
+
+    # -- reading -----------------------------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        while True:
+            raw = await self._transport.receive()
+            if raw is None:
+                self._end("disconnected")
+                return
+            if self.state is not State.AWAITING_START and self.state is not State.STREAMING:
+                continue  # closing: input is ignored until the writer has closed
+            size = len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8", "surrogatepass"))
+            if size > self._config.max_message_bytes:
+                self.fail(ErrorCode.MESSAGE_TOO_LARGE, f"messages are limited to {self._config.max_message_bytes} B")
+                continue
+            try:
+                message = parse_client_message(raw)
+            except ProtocolError as exc:
+                self._reject(exc)
+                continue
+            if self.state is State.AWAITING_START:
+                if not isinstance(message, Start):
+                    self.fail(ErrorCode.START_REQUIRED, "the first message must be `start`")
+                    continue
+                await self._on_start(message)
+            else:
+                self._on_message(message)
+
+    def _reject(self, exc: ProtocolError) -> None:
+        if close_code_for(exc.code) is not None:
+            self.fail(exc.code, exc.message)
+        else:
+            self._observer.on_error(exc.code)
+            self._control(error_from(exc))
+
+    async def _on_start(self, start: Start) -> None:
+        model = start.model or self._default_model
+        backend = self._backends.get(model)
+        if backend is None:
+            self.fail(ErrorCode.UNKNOWN_MODEL, f"unknown model {model!r}; known: {', '.join(self._backends)}")
+            return
+        voice = start.voice or backend.voices[0]
+        problem = await backend.check_voice(voice)
+        if self.state is not State.AWAITING_START:
+            return  # the peer left, or the start timeout fired, while the voice was checked
+        if problem is not None:
+            self.fail(ErrorCode.UNKNOWN_VOICE, problem)
+            return
+        self._cancel_timer("start")
+        self._backend, self._start, self._voice = backend, start, voice
+        self._segmenter = Segmenter(
+            max_phonemes=backend.max_phonemes,
+            first_segment_min_phonemes=min(self._config.first_segment_min_phonemes, backend.max_phonemes),
+            clause_min_phonemes=min(self._config.clause_min_phonemes, backend.max_phonemes),
+        )
+        self._audio = AudioOutput(encoding=start.encoding, sample_rate_hz=start.sample_rate_hz, frame_ms=start.frame_ms)
+        self._pacer = Pacer(lead_ms=start.lead_ms, enabled=start.pace == "realtime")
+        backend.open_session(self.session_id, self._on_outcome)
+        self.state = State.STREAMING
+        limits = Limits(
+            max_message_bytes=self._config.max_message_bytes,
+            max_pending_phonemes=self._config.max_pending_phonemes,
+            max_segment_phonemes=backend.max_phonemes,
+            max_buffer_ms=self._config.max_buffer_ms,
+            stall_timeout_s=self._config.stall_timeout_s,
+            idle_cut_ms=self._config.idle_cut_ms,
+        )
+        self._control(
+            Ready(
+                session_id=self.session_id,
+                model=model,
+                voice=voice,
+                speed=start.speed,
+                encoding=start.encoding,
+                sample_rate_hz=start.sample_rate_hz,
+                frame_ms=start.frame_ms,
+                pace=start.pace,
+                lead_ms=start.lead_ms,
+                alignment=start.alignment,
+                limits=limits,
+            )
+        )
+        if start.ignored_fields:
+            self._control(WarningEvent("unknown_fields", f"ignored: {', '.join(start.ignored_fields)}"))
+
+    def _on_message(self, message: ClientMessage) -> None:
+        if isinstance(message, Phonemes):
+            self._on_phonemes(message.text)
+        elif isinstance(message, Flush):
+            if self._tickets_full():
+                return
+            self._cut(force=True)
+            assert self._segmenter is not None
+            self._segmenter.end_turn()
+            self._tickets.append(FlushTicket(message.id))
+            self._pump()
+        elif isinstance(message, Clear):
+            self._clear()
+        elif isinstance(message, Close):
+            self._cut(force=True)
+            self._tickets.append(CloseTicket(None))
+            self.state = State.CLOSING
+            self._pump()
+        else:
+            self._reject(ProtocolError(ErrorCode.ALREADY_STARTED, "the session has started already"))
+
+    def _on_phonemes(self, text: str) -> None:
+        assert self._backend is not None
+        assert self._segmenter is not None
+        unknown = [c for c in self._backend.unknown_symbols(text) if not c.isspace()]
+        if unknown:
+            shown = " ".join(f"U+{ord(c):04X}({c})" for c in unknown[:16])
+            self._reject(
+                ProtocolError(
+                    ErrorCode.UNKNOWN_SYMBOLS,
+                    f"symbols outside the model's vocabulary: {shown}; the message was rejected",
+                    symbols=tuple(unknown[:64]),
+                )
+            )
+            return
+        if self._segmenter.word_too_long(text):
+            limit = self._backend.max_phonemes
+            self._reject(ProtocolError(ErrorCode.WORD_TOO_LONG, f"a word (no whitespace) over {limit} phonemes"))
+            return
+        pending = self._segmenter.pending_phonemes + self._tickets.pending_phonemes
+        if pending + len(text) > self._config.max_pending_phonemes or self._tickets_full():
+            limit = self._config.max_pending_phonemes
+            self._reject(ProtocolError(ErrorCode.INPUT_OVERFLOW, f"over {limit} phonemes would be pending"))
+            return
+        if self._ttfa_since is None and not self._tickets and not self._outbox.has_audio():
+            self._ttfa_since = time.monotonic()
+        self._segmenter.append(text)
+        self._cut(force=False)
+        self._cancel_timer("idle")
+        if self._segmenter.pending.strip():
+            delay_s = self._config.idle_cut_ms / 1000.0
+            self._timers["idle"] = asyncio.get_running_loop().call_later(delay_s, self._on_idle)
+
+    def _tickets_full(self) -> bool:
+        if len(self._tickets) < self._config.max_pending_tickets:
+            return False
+        limit = self._config.max_pending_tickets
+        self._reject(ProtocolError(ErrorCode.INPUT_OVERFLOW, f"over {limit} segments and flushes pending"))
+        return True
+
+    def _cut(self, *, force: bool) -> None:
+        assert self._segmenter is not None
+        assert self._backend is not None
+        assert self._start is not None
+        if force:
+            self._cancel_timer("idle")
+        for segment in self._segmenter.cut(force=force):
+            phonemes = " ".join(segment.text.split())  # whitespace runs reach the model as one space
+            if not phonemes:
+                continue
+            job = SegmentJob(
+                session_id=self.session_id,
+                seq=self._next_seq,
+                phonemes=phonemes,
+                voice=self._voice,
+                speed=self._start.speed,
+                first_in_turn=segment.first_in_turn,
+                submitted_at=time.monotonic(),
+            )
+            self._next_seq += 1
+            self._tickets.append(SegmentTicket(job.seq, phonemes))
+            self._backend.submit(job)
+
+    def _on_idle(self) -> None:
+        self._timers.pop("idle", None)
+        if self.state is State.STREAMING:
+            self._cut(force=True)
+
+    def _on_start_timeout(self) -> None:
+        self._timers.pop("start", None)
+        if self.state is State.AWAITING_START:
+            self.fail(ErrorCode.START_TIMEOUT, f"no `start` within {self._config.start_timeout_s} s")
+
+    def _cancel_timer(self, name: str) -> None:
+        timer = self._timers.pop(name, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _clear(self) -> None:
+        assert self._segmenter is not None
+        assert self._backend is not None
+        self._segmenter.reset()
+        self._cancel_timer("idle")
+        self._drop_pending()
+        self._pacer.reset()
+        self._ttfa_since = None
+        self._control(Cleared())
+
+    def _drop_pending(self) -> None:
+        """Forget input, queued work and unsent audio; later outcomes of earlier segments are discarded."""
+        self._tickets.clear()
+        self._outbox.clear_ordered()
+        if self._audio is not None:
+            self._audio.reset(self._sent_samples)
+        self._first_live_seq = self._next_seq
+        if self._backend is not None:
+            self._backend.abort(self.session_id)
+        self._report(force=True)
+
+    # -- engine outcomes and the output pump --------------------------------------------------------------
+
+    def _on_outcome(self, outcome: SegmentOutcome) -> None:
+        if isinstance(outcome, SegmentAudio):
+            self._received_ms += outcome.duration_ms
+        if self.state is State.ENDED:
+            return
+        if outcome.seq < self._first_live_seq or not self._tickets.resolve(outcome):
+            self._report(force=True)  # stale: its audio counts as consumed at once
+            return
+        self._pump()
+
+    def _pump(self) -> None:
+        """Move ready output from the tickets into the outbox, in order, while the outbox has room."""
+        audio = self._audio
+        if audio is None or self.state is State.ENDED:
+            return
+        budget_ms = self._config.max_buffer_ms
+        while self._tickets and self._outbox.audio_ms < budget_ms:
+            ticket = self._tickets.head()
+            if isinstance(ticket, SegmentTicket):
+                if ticket.failed is not None:
+                    self._tickets.pop()
+                    self._observer.on_error(ErrorCode.SYNTHESIS_FAILED)
+                    self._control(ErrorEvent(ErrorCode.SYNTHESIS_FAILED, f"segment {ticket.seq}: {ticket.failed}"))
+                    continue
+                if ticket.audio is None:
+                    break  # still being synthesised
+                if not ticket.announced:
+                    ticket.announced = True
+                    if self._start is not None and self._start.alignment:
+                        self._emit(ticket.alignment(audio.samples_to_ms(audio.position_samples)))
+                room_ms = budget_ms - self._outbox.audio_ms
+                for frame in audio.push(ticket.take(room_ms)):
+                    self._outbox.push(frame)
+                if ticket.remaining_samples == 0:
+                    self._tickets.pop()
+            else:
+                for frame in audio.end_stream():
+                    self._outbox.push(frame)
+                self._tickets.pop()
+                if isinstance(ticket, FlushTicket):
+                    self._emit(Flushed(ticket.flush_id))
+                else:
+                    self._emit(
+                        Done() if ticket.error is None else ErrorEvent(ticket.error, "the server is shutting down")
+                    )
+                    code = CloseCode.NORMAL if ticket.error is None else close_code_for(ticket.error)
+                    assert code is not None
+                    reason = "" if ticket.error is None else close_reason_for(ticket.error)
+                    self._outbox.push(CloseFrame(code, reason))
+                    break
+        self._wake.set()
+
+    def _emit(self, event: ServerEvent) -> None:
+        self._outbox.push(TextEvent(encode_event(event)))
+
+    def _control(self, event: ServerEvent) -> None:
+        if not self._outbox.push_control(TextEvent(encode_event(event))):
+            self.fail(ErrorCode.STALLED, f"over {self._config.max_control_events} events unread")
+            return
+        self._wake.set()
+
+    def unsent_ms(self) -> float:
+        """Audio received from the engine and not yet sent (framed, in the framer, or waiting in tickets)."""
+        framing_ms = self._audio.pending_ms if self._audio is not None else 0.0
+        return self._outbox.audio_ms + framing_ms + self._tickets.unframed_ms
+
+    def _report(self, *, force: bool) -> None:
+        if self._backend is None:
+            return
+        consumed_ms = max(self._reported_ms, self._received_ms - self.unsent_ms())
+        step_done = consumed_ms - self._reported_ms >= self._config.report_step_ms or not self._outbox.has_audio()
+        if force or (step_done and consumed_ms != self._reported_ms):
+            self._reported_ms = consumed_ms
+            self._backend.report_consumed(self.session_id, consumed_ms)
+
+    # -- writing -----------------------------------------------------------------------------------------
+
+    async def _write_loop(self) -> None:
+        while True:
+            self._wake.clear()
+            item = self._outbox.peek()
+            if item is None:
+                await self._wake.wait()
+                continue
+            if isinstance(item, AudioFrame):
+                delay_s = self._pacer.delay_s(time.monotonic(), item.duration_ms)
+                if delay_s > 0:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(delay_s):
+                            await self._wake.wait()
+                    continue
+            self._outbox.pop()
+            try:
+                async with asyncio.timeout(self._config.stall_timeout_s):
+                    await self._send(item)
+            except TimeoutError:
+                self._on_stalled()
+                return
+            except TransportClosedError:
+                self._end("disconnected")
+                return
+            if isinstance(item, CloseFrame):
+                self._end("closed")
+                return
+            if isinstance(item, AudioFrame):
+                self._after_audio_sent(item)
+
+    async def _send(self, item: AudioFrame | TextEvent | CloseFrame) -> None:
+        if isinstance(item, AudioFrame):
+            await self._transport.send_bytes(item.data)
+        elif isinstance(item, TextEvent):
+            await self._transport.send_text(item.text)
+        else:
+            await self._transport.close(item.code, item.reason)
+
+    def _after_audio_sent(self, frame: AudioFrame) -> None:
+        now = time.monotonic()
+        self._pacer.on_sent(now, frame.duration_ms)
+        self._sent_samples += frame.num_samples
+        if self._ttfa_since is not None:
+            self._observer.on_first_audio(now - self._ttfa_since)
+            self._ttfa_since = None
+        self._pump()
+        self._report(force=False)
+
+    def _on_stalled(self) -> None:
+        """The client stopped reading for `stall_timeout_s`: give up on it (a close frame cannot get
+        through).
+        """
+        self._log.info("session %s: client stopped reading, closing", self.session_id)
+        self._observer.on_error(ErrorCode.STALLED)
+        self._end("stalled")
+
+    # -- introspection -----------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, object]:
+        """Plain numbers for /debug/state and metrics."""
+        return {
+            "state": self.state.value,
+            "buffered_ms": round(self._outbox.audio_ms, 3),
+            "unsent_ms": round(self.unsent_ms(), 3),
+            "pending_phonemes": (self._segmenter.pending_phonemes if self._segmenter else 0)
+            + self._tickets.pending_phonemes,
+            "tickets": len(self._tickets),
+            "outbox_items": len(self._outbox),
+            "sent_ms": round(self._audio.samples_to_ms(self._sent_samples), 3) if self._audio else 0.0,
+        }
+
+    @property
+    def buffered_ms(self) -> float:
+        return self._outbox.audio_ms

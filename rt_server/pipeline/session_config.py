@@ -1,0 +1,20 @@
+"""The limits and tunables a session runs with (built from `Settings` by the app)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    max_message_bytes: int = 65_536
+    max_pending_phonemes: int = 4096  # buffered input plus segments not yet synthesised
+    max_buffer_ms: int = 2000  # framed audio waiting for the socket
+    stall_timeout_s: float = 10.0  # a send blocked this long means the client stopped reading
+    start_timeout_s: float = 10.0
+    idle_cut_ms: int = 500  # text after the last cut is synthesised after this long without input
+    first_segment_min_phonemes: int = 24
+    clause_min_phonemes: int = 100
+    max_pending_tickets: int = 256  # segments and flushes waiting for output
+    max_control_events: int = 64  # unread control events before the client counts as stalled
+    report_step_ms: float = 100.0  # consumed-audio reports to the scheduler, at least this far apart

@@ -1,0 +1,215 @@
+"""Server settings: frozen, units in names, from `RT_SERVER_*` environment variables and command-line flags.
+
+Every field `x_y` is read from `RT_SERVER_X_Y` and from the flag `--x-y` (flags win). Models are given as
+specs (`--model SPEC`, repeatable, or `RT_SERVER_MODELS="SPEC;SPEC"`); see docs/configuration.md. Validation
+happens here, at start-up, so a bad value fails loudly before any model loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Final, Literal
+
+ENV_PREFIX: Final = "RT_SERVER_"
+ModelKind = Literal["kokoro", "tiny"]
+_PRECISIONS: Final = ("fp32", "bf16", "fp16")
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"0", "false", "no", "off"})
+
+
+class SettingsError(ValueError):
+    """A setting has an invalid value."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model to load. `kind="tiny"` is the random-weight test model (not speech)."""
+
+    name: str
+    kind: ModelKind = "kokoro"
+    config: str | None = None
+    weights: str | None = None
+    voices_dir: str | None = None
+    device: str = "auto"
+    precision: str = "fp32"
+    seed: int = 0  # tiny models only: the weight seed
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise SettingsError(f"model name {self.name!r}: use letters, digits, '-', '_' and '.'")
+        if self.kind not in ("kokoro", "tiny"):
+            raise SettingsError(f"model {self.name!r}: kind must be kokoro or tiny")
+        if self.precision not in _PRECISIONS:
+            raise SettingsError(f"model {self.name!r}: precision must be one of {', '.join(_PRECISIONS)}")
+
+    @classmethod
+    def parse(cls, spec: str) -> ModelSpec:
+        """`NAME` or
+        `name=NAME,kind=tiny,weights=PATH,config=PATH,voices=DIR,device=cpu,precision=fp16,seed=1`.
+
+        A bare `tiny` is the tiny test model named "tiny"; any other bare word is a kokoro model of that name.
+        """
+        spec = spec.strip()
+        if "=" not in spec:
+            return cls(name=spec, kind="tiny" if spec == "tiny" else "kokoro")
+        values: dict[str, Any] = {}
+        for part in spec.split(","):
+            key, sep, value = part.partition("=")
+            key = {"voices": "voices_dir"}.get(key.strip(), key.strip())
+            if not sep or key not in {f.name for f in fields(cls)}:
+                raise SettingsError(f"model spec {spec!r}: unknown or malformed item {part!r}")
+            values[key] = int(value) if key == "seed" else value.strip()
+        if "name" not in values:
+            raise SettingsError(f"model spec {spec!r} needs name=")
+        return cls(**values)
+
+
+def _default_models() -> tuple[ModelSpec, ...]:
+    return (ModelSpec(name="kokoro"),)
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    models: tuple[ModelSpec, ...] = field(default_factory=_default_models)
+    default_model: str | None = None  # None: the first model
+    noise: bool = True  # off: no sine-source noise, output deterministic
+    # Limits (all reported to clients in `ready`, see docs/protocol.md)
+    max_sessions: int = 64
+    max_message_bytes: int = 65_536
+    max_pending_phonemes: int = 4096
+    max_buffer_ms: int = 2000  # unsent framed audio per session; also the scheduler's high-water mark
+    buffer_low_water_ms: int = 1000  # the scheduler plans a paused session again below this
+    stall_timeout_s: float = 10.0
+    start_timeout_s: float = 10.0
+    idle_cut_ms: int = 500
+    # Segmenting
+    first_segment_min_phonemes: int = 24
+    clause_min_phonemes: int = 100
+    # Scheduling
+    max_batch_size: int = 8
+    max_batch_tokens: int = 4096
+    batch_wait_ms: float = 5.0
+    urgent_within_ms: float = 500.0
+    # Lifecycle
+    shutdown_grace_s: float = 10.0
+    ws_ping_interval_s: float = 20.0
+    debug_endpoints: bool = False  # GET /debug/state: per-session and per-engine internals (tests, soak runs)
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise SettingsError("at least one model is needed")
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise SettingsError(f"model names must be unique: {names}")
+        if self.default_model is not None and self.default_model not in names:
+            raise SettingsError(f"default_model {self.default_model!r} is not one of {names}")
+        if not 0 <= self.port <= 65535:
+            raise SettingsError("port must be within 0..65535")
+        positive = (
+            "max_sessions",
+            "max_message_bytes",
+            "max_pending_phonemes",
+            "max_buffer_ms",
+            "stall_timeout_s",
+            "start_timeout_s",
+            "idle_cut_ms",
+            "first_segment_min_phonemes",
+            "clause_min_phonemes",
+            "max_batch_size",
+            "max_batch_tokens",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{name} must be positive")
+        if not 0 <= self.buffer_low_water_ms <= self.max_buffer_ms:
+            raise SettingsError("buffer_low_water_ms must be within 0..max_buffer_ms")
+        if self.max_batch_tokens < 512:
+            raise SettingsError("max_batch_tokens must hold one full segment (512 tokens)")
+        for name in ("batch_wait_ms", "urgent_within_ms", "shutdown_grace_s", "ws_ping_interval_s"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{name} must not be negative")
+
+    @property
+    def default_model_name(self) -> str:
+        return self.default_model or self.models[0].name
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_sources(cls, env: Mapping[str, str], overrides: Mapping[str, Any] | None = None) -> Settings:
+        """Settings from the environment, then `overrides` (parsed flags; None values are ignored)."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name == "models":
+                continue
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = _convert(f.name, raw, _field_type(f.name))
+        models_raw = env.get(ENV_PREFIX + "MODELS")
+        if models_raw:
+            values["models"] = tuple(ModelSpec.parse(s) for s in models_raw.split(";") if s.strip())
+        else:
+            values["models"] = (_model_from_legacy_env(env),)
+        for key, value in (overrides or {}).items():
+            if value is None:
+                continue
+            if key == "models":
+                values["models"] = tuple(ModelSpec.parse(s) if isinstance(s, str) else s for s in value)
+            elif isinstance(value, str):
+                values[key] = _convert(key, value, _field_type(key))
+            else:
+                values[key] = value
+        return cls(**values)
+
+
+def _model_from_legacy_env(env: Mapping[str, str]) -> ModelSpec:
+    """The single default model, from the variables `rt-server synth` also reads."""
+    return ModelSpec(
+        name="kokoro",
+        weights=env.get(ENV_PREFIX + "WEIGHTS"),
+        config=env.get(ENV_PREFIX + "CONFIG"),
+        voices_dir=env.get(ENV_PREFIX + "VOICES_DIR"),
+        device=env.get(ENV_PREFIX + "DEVICE", "auto"),
+        precision=env.get(ENV_PREFIX + "PRECISION", "fp32"),
+    )
+
+
+def _field_type(name: str) -> str:
+    for f in fields(Settings):
+        if f.name == name:
+            return str(f.type)
+    raise SettingsError(f"unknown setting {name!r}")
+
+
+def _convert(name: str, raw: str, type_name: str) -> Any:
+    raw = raw.strip()
+    try:
+        if type_name == "bool":
+            if raw.lower() in _TRUE:
+                return True
+            if raw.lower() in _FALSE:
+                return False
+            raise ValueError(raw)
+        if type_name == "int":
+            return int(raw)
+        if type_name == "float":
+            return float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}: cannot read {raw!r} as {type_name}") from None
+    if type_name == "str | None":
+        return raw or None
+    return raw
+
+
+def setting_names() -> list[str]:
+    """Every scalar setting (for the command line)."""
+    return [f.name for f in fields(Settings) if f.name != "models"]
+
+
+def setting_type(name: str) -> str:
+    return _field_type(name)
