@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from rt_server.app import create_app
+from rt_server.app import Loader, create_app, load_model
+from rt_server.engine import LoadedModel
 from rt_server.server import RtServer, build_server
 from rt_server.settings import ModelSpec, Settings
 
@@ -71,7 +72,7 @@ class RunningServer:
         assert not self.thread.is_alive(), "server thread did not stop"
 
 
-def start_server(settings: Settings, *, sndbuf_bytes: int | None = None) -> RunningServer:
+def start_server(settings: Settings, *, sndbuf_bytes: int | None = None, loader: Loader = load_model) -> RunningServer:
     """Start on 127.0.0.1 and an ephemeral port; returns once the models are loaded and warm."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -80,7 +81,8 @@ def start_server(settings: Settings, *, sndbuf_bytes: int | None = None) -> Runn
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
     port = sock.getsockname()[1]
-    server = build_server(create_app(settings.replace(port=port)), settings.replace(port=port))
+    settings = settings.replace(port=port)
+    server = build_server(create_app(settings, loader=loader), settings)
     thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
     thread.start()
     deadline = time.monotonic() + 120
@@ -89,6 +91,29 @@ def start_server(settings: Settings, *, sndbuf_bytes: int | None = None) -> Runn
             raise RuntimeError("the server did not start")
         time.sleep(0.02)
     return RunningServer(server, thread, port)
+
+
+POISON = "ʒʒʒ"  # a word that makes `poisoned_loader`'s runner raise: fault injection around the real model
+
+
+class _PoisonedRunner:
+    """The real runner, except that a batch holding POISON raises (as a model failure would)."""
+
+    def __init__(self, runner: Any) -> None:
+        self._runner = runner
+        self.name, self.sample_rate_hz, self.max_phonemes = runner.name, runner.sample_rate_hz, runner.max_phonemes
+        self.unknown_symbols, self.voice_names = runner.unknown_symbols, runner.voice_names
+        self.check_voice, self.warmup = runner.check_voice, runner.warmup
+
+    def synthesize(self, requests: Any) -> Any:
+        if any(POISON in r.phonemes for r in requests):
+            raise RuntimeError("injected model failure")
+        return self._runner.synthesize(requests)
+
+
+def poisoned_loader(spec: ModelSpec) -> LoadedModel:
+    loaded = load_model(spec)
+    return LoadedModel(_PoisonedRunner(loaded.runner), loaded.make_request)
 
 
 def offline_audio(runner: Any, phonemes: list[str], voice: str, speed: float = 1.0) -> np.ndarray:

@@ -14,7 +14,17 @@ import numpy as np
 import pytest
 import websockets
 from scipy.signal import resample_poly
-from server_harness import TINY, TINY2, RunningServer, make_settings, offline_audio, receive_until_closed, start_server
+from server_harness import (
+    POISON,
+    TINY,
+    TINY2,
+    RunningServer,
+    make_settings,
+    offline_audio,
+    poisoned_loader,
+    receive_until_closed,
+    start_server,
+)
 
 from rt_server.pipeline.audio_encoding import BYTES_PER_SAMPLE, decode, encode
 
@@ -28,14 +38,16 @@ LSB = 1 / 32767
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[RunningServer]:
+    # The real tiny models, wrapped so that a batch holding POISON raises (test_a_failing_batch_...).
     running = start_server(
-        make_settings(
+        loader=poisoned_loader,
+        settings=make_settings(
             models=(TINY, TINY2),
             start_timeout_s=3.0,
             idle_cut_ms=300,
             max_pending_phonemes=400,
             max_message_bytes=4096,
-        )
+        ),
     )
     yield running
     running.stop()
@@ -315,3 +327,35 @@ async def test_http_endpoints(server: RunningServer) -> None:
         "rt_event_loop_tasks",
     ):
         assert name in text, name
+
+
+@pytest.mark.asyncio
+async def test_a_failing_batch_fails_only_its_segments_and_the_server_goes_on(
+    server: RunningServer, runner: Any
+) -> None:
+    async with asyncio.timeout(60):
+        ws, _ = await _start(server, alignment=True)
+        await ws.send(json.dumps({"type": "phonemes", "text": f"{HELLO} {POISON} {POISON}. {TEST}"}))
+        await ws.send(json.dumps({"type": "flush", "id": 1}))
+        got = await receive_until_closed(ws, stop_after="flushed")
+        # the server goes on: the same session, and another one
+        other, _ = await _start(server, voice="am_test")
+        await other.send(json.dumps({"type": "phonemes", "text": TEST}))
+        await other.send(json.dumps({"type": "close"}))
+        other_got = await receive_until_closed(other)
+        await ws.send(json.dumps({"type": "phonemes", "text": HELLO}))
+        await ws.send(json.dumps({"type": "close"}))
+        rest = await receive_until_closed(ws)
+    failed = [e for e in got.events if e["type"] == "error"]
+    assert [e["code"] for e in failed] == ["synthesis_failed"]
+    assert "close_code" not in failed[0]
+    assert [e["phonemes"] for e in got.events if e["type"] == "segment"] == [HELLO, TEST]
+    pcm = _s16(b"".join(got.frames))
+    np.testing.assert_allclose(pcm, np.clip(offline_audio(runner, [HELLO, TEST], "af_test"), -1, 1), atol=3 * LSB)
+    assert other_got.close_code == 1000
+    other_pcm = _s16(b"".join(other_got.frames))
+    np.testing.assert_allclose(other_pcm, np.clip(offline_audio(runner, [TEST], "am_test"), -1, 1), atol=3 * LSB)
+    assert rest.types() == ["segment", "done"]
+    assert rest.close_code == 1000
+    _, metrics = await asyncio.to_thread(server.get, "/metrics")
+    assert 'rt_batch_failures_total{model="tiny"}' in metrics

@@ -1,0 +1,198 @@
+"""The engine thread with a hand-made runner (plain numpy, no torch): delivery, failures, aborts, calls."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+
+from rt_server.engine import LoadedModel, ModelEngine
+from rt_server.pipeline.jobs import SegmentAudio, SegmentFailed, SegmentJob, SegmentOutcome
+from rt_server.pipeline.scheduler import SchedulerConfig
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(30)]
+
+
+@dataclass(frozen=True)
+class _Result:
+    audio: np.ndarray
+    durations: np.ndarray
+
+
+class FakeRunner:
+    """Audio of one duration frame per token, filled with the request's position in the batch + 1."""
+
+    name = "fake"
+    sample_rate_hz = 24_000
+    max_phonemes = 510
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[str, str, float, int | None]]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def unknown_symbols(self, phonemes: str) -> list[str]:
+        return [c for c in dict.fromkeys(phonemes) if c not in "abcdefgh .,"]
+
+    def voice_names(self) -> list[str]:
+        return ["v1", "v2"]
+
+    def check_voice(self, spec: str) -> None:
+        if spec not in self.voice_names():
+            raise ValueError(f"unknown voice {spec!r}")
+
+    def synthesize(self, requests: Sequence[Any]) -> list[_Result]:
+        self.gate.wait(10)
+        self.batches.append(list(requests))
+        if any("boom" in r[0] for r in requests):
+            raise RuntimeError("injected failure")
+        return [
+            _Result(np.full(600 * (len(r[0]) + 2), i + 1, np.float32), np.ones(len(r[0]) + 2, np.int64))
+            for i, r in enumerate(requests)
+        ]
+
+    def warmup(self) -> None:
+        pass
+
+
+def _request(phonemes: str, voice: str, speed: float, seed: int | None) -> tuple[str, str, float, int | None]:
+    return (phonemes, voice, speed, seed)
+
+
+def _job(session: str, seq: int, text: str = "abc") -> SegmentJob:
+    return SegmentJob(session, seq, text, "v1", 1.0, seq == 0, 0.0)
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self.items: list[SegmentOutcome] = []
+        self.arrived = asyncio.Event()
+
+    def __call__(self, outcome: SegmentOutcome) -> None:
+        self.items.append(outcome)
+        self.arrived.set()
+
+    async def wait_for(self, n: int) -> list[SegmentOutcome]:
+        while len(self.items) < n:
+            self.arrived.clear()
+            await self.arrived.wait()
+        return self.items
+
+
+async def _engine(runner: FakeRunner, *, noise: bool = False, **config: Any) -> ModelEngine:
+    settings = {"max_wait_ms": 0.0, **config}
+    engine = ModelEngine("fake", lambda: LoadedModel(runner, _request), SchedulerConfig(**settings), noise=noise)
+    await engine.start()
+    return engine
+
+
+async def test_delivers_each_sessions_outcomes_in_order() -> None:
+    runner = FakeRunner()
+    engine = await _engine(runner)
+    a, b = Inbox(), Inbox()
+    engine.open_session("a", a)
+    engine.open_session("b", b)
+    for seq in range(3):
+        engine.submit(_job("a", seq))
+        engine.submit(_job("b", seq, "de"))
+    await a.wait_for(3)
+    await b.wait_for(3)
+    await engine.stop()
+    assert [o.seq for o in a.items] == [0, 1, 2]
+    assert [o.seq for o in b.items] == [0, 1, 2]
+    assert all(isinstance(o, SegmentAudio) and len(o.audio) == 600 * 5 for o in a.items)
+    assert all(req[3] is None for batch in runner.batches for req in batch)  # noise off: no seeds
+
+
+async def test_a_failing_batch_fails_only_its_segments_and_the_engine_goes_on() -> None:
+    runner = FakeRunner()
+    engine = await _engine(runner, max_batch_size=1)
+    a, b = Inbox(), Inbox()
+    engine.open_session("a", a)
+    engine.open_session("b", b)
+    engine.submit(_job("a", 0, "ab boom"))
+    engine.submit(_job("b", 0))
+    engine.submit(_job("a", 1))
+    await a.wait_for(2)
+    await b.wait_for(1)
+    await engine.stop()
+    assert isinstance(a.items[0], SegmentFailed)
+    assert a.items[0].message == "synthesis failed"
+    assert isinstance(a.items[1], SegmentAudio)
+    assert isinstance(b.items[0], SegmentAudio)
+
+
+async def test_abort_between_steps_drops_queued_work() -> None:
+    runner = FakeRunner()
+    engine = await _engine(runner, max_batch_size=1)
+    a = Inbox()
+    engine.open_session("a", a)
+    runner.gate.clear()  # hold the first batch inside the model
+    for seq in range(4):
+        engine.submit(_job("a", seq))
+    async with asyncio.timeout(10):
+        while engine.stats.running == 0:  # noqa: ASYNC110 - polls another thread's state; no event to await
+            await asyncio.sleep(0.01)
+    engine.abort("a")  # applied after the running step, before the next
+    engine.submit(_job("a", 10))
+    runner.gate.set()
+    await a.wait_for(2)
+    await asyncio.sleep(0.1)
+    await engine.stop()
+    assert [o.seq for o in a.items] == [0, 10]
+
+
+async def test_closed_sessions_get_nothing_and_are_forgotten() -> None:
+    runner = FakeRunner()
+    engine = await _engine(runner)
+    a = Inbox()
+    engine.open_session("a", a)
+    engine.close_session("a")
+    engine.submit(_job("a", 0))
+    b = Inbox()
+    engine.open_session("b", b)
+    engine.submit(_job("b", 0))
+    await b.wait_for(1)
+    await engine.stop()
+    assert a.items == []
+    assert engine.stats.sessions == 1
+
+
+async def test_noise_on_seeds_every_request() -> None:
+    runner = FakeRunner()
+    engine = await _engine(runner, noise=True)
+    a = Inbox()
+    engine.open_session("a", a)
+    engine.submit(_job("a", 0))
+    engine.submit(_job("a", 1))
+    await a.wait_for(2)
+    await engine.stop()
+    seeds = [req[3] for batch in runner.batches for req in batch]
+    assert all(isinstance(s, int) for s in seeds)
+    assert seeds[-1] != seeds[-2]
+
+
+async def test_model_info_voice_check_and_vocabulary_snapshot() -> None:
+    engine = await _engine(FakeRunner())
+    assert engine.voices == ("v1", "v2")
+    assert engine.max_phonemes == 510
+    assert await engine.check_voice("v2") is None
+    assert await engine.check_voice("zz") == "unknown voice 'zz'"
+    assert engine.unknown_symbols("abz c1z") == ["z", "1"]
+    await engine.stop()
+
+
+async def test_a_model_that_fails_to_load_fails_start() -> None:
+    def broken() -> LoadedModel:
+        raise FileNotFoundError("no weights at /nowhere")
+
+    engine = ModelEngine("broken", broken, SchedulerConfig(), noise=False)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        await engine.start()
+    assert not engine.ready
+    await engine.stop()
