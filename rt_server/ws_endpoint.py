@@ -13,13 +13,9 @@ from dataclasses import dataclass
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from rt_server.pipeline.ports import SessionObserver, SynthesisBackend, TransportClosedError
 from rt_server.pipeline.registry import SessionRegistry
-from rt_server.pipeline.session import (
-    Session,
-    SessionObserver,
-    SynthesisBackend,
-    TransportClosedError,
-)
+from rt_server.pipeline.session import Session
 from rt_server.pipeline.session_config import SessionConfig
 from rt_server.protocol import ErrorCode, ErrorEvent, close_code_for, close_reason_for, encode_event
 

@@ -359,3 +359,32 @@ async def test_a_failing_batch_fails_only_its_segments_and_the_server_goes_on(
     assert rest.close_code == 1000
     _, metrics = await asyncio.to_thread(server.get, "/metrics")
     assert 'rt_batch_failures_total{model="tiny"}' in metrics
+
+
+@pytest.mark.asyncio
+async def test_realtime_pace_releases_audio_at_most_lead_ms_ahead(server: RunningServer) -> None:
+    lead_ms, frame_ms = 200, 20
+    async with asyncio.timeout(60):
+        ws, ready = await _start(server, pace="realtime", lead_ms=lead_ms, frame_ms=frame_ms)
+        assert (ready["pace"], ready["lead_ms"]) == ("realtime", lead_ms)
+        await ws.send(json.dumps({"type": "phonemes", "text": f"{HELLO} {TEST}"}))
+        await ws.send(json.dumps({"type": "close"}))
+        loop = asyncio.get_running_loop()
+        first_at: float | None = None
+        received_ms = 0.0
+        worst_lead_ms = 0.0
+        while True:
+            message = await ws.recv()
+            if isinstance(message, str):
+                assert json.loads(message)["type"] == "done"
+                break
+            now = loop.time()
+            first_at = now if first_at is None else first_at
+            received_ms += len(message) / 48
+            # audio received beyond what real time has played since the first frame
+            worst_lead_ms = max(worst_lead_ms, received_ms - (now - first_at) * 1000)
+        await receive_until_closed(ws)
+    assert received_ms > 3000
+    # never more than lead_ms ahead, plus the frame in flight and 50 ms for a late first read on this side
+    # (a slow server only makes it smaller); without pacing all 3.3 s would arrive at once
+    assert worst_lead_ms <= lead_ms + frame_ms + 50

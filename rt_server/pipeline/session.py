@@ -3,12 +3,10 @@
 A reader and a writer task, owned by one TaskGroup in `run`. Everything between them is synchronous: messages,
 engine outcomes and timers update the session's state and queue output; the writer alone awaits the socket.
 
-Output path: segment outcomes fill the session's tickets (in submission order, with flush and close markers
-between them); `_pump` moves ready audio through the output chain (resample, encode, frame) into the outbox
-while the outbox holds less than `max_buffer_ms`, so the framed audio waiting for the socket stays within that
-bound (plus one frame) and at most one synthesised segment waits unframed behind it. The engine's scheduler
-stops planning for the session at `max_buffer_ms` of unsent audio and resumes below the low-water mark, from
-the consumed reports this session sends.
+Input: the segmenter cuts appended phonemes into segments, submitted to the model's engine. Output: the playout
+(rt_server.pipeline.playout) frames outcomes into the outbox within `max_buffer_ms`; the writer
+(rt_server.pipeline.writer) sends it. Backpressure: the session reports consumed audio to the engine, whose
+scheduler stops planning for it at `max_buffer_ms` of unsent audio and resumes below the low-water mark.
 """
 
 from __future__ import annotations
@@ -18,27 +16,28 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import Callable, Mapping
-from typing import Final, Protocol
+from collections.abc import Mapping
+from typing import Final
 
 from rt_server.pipeline.audio_out import AudioOutput
 from rt_server.pipeline.flow import Pacer
 from rt_server.pipeline.jobs import SegmentAudio, SegmentJob, SegmentOutcome
 from rt_server.pipeline.outbox import AudioFrame, CloseFrame, Outbox, TextEvent
+from rt_server.pipeline.playout import Playout
+from rt_server.pipeline.ports import SessionObserver, SynthesisBackend, Transport
 from rt_server.pipeline.segmenter import Segmenter
 from rt_server.pipeline.session_config import SessionConfig
-from rt_server.pipeline.tickets import CloseTicket, FlushTicket, SegmentTicket, Tickets
+from rt_server.pipeline.tickets import CloseTicket, FlushTicket, SegmentTicket
+from rt_server.pipeline.writer import Writer, WriterExit
 from rt_server.protocol import (
     Clear,
     Cleared,
     ClientMessage,
     Close,
     CloseCode,
-    Done,
     ErrorCode,
     ErrorEvent,
     Flush,
-    Flushed,
     Limits,
     Phonemes,
     ProtocolError,
@@ -57,46 +56,6 @@ log = logging.getLogger(__name__)
 
 # Waiting for a stuck socket to take a close frame is pointless past this: the transport is abandoned.
 _CLOSE_TIMEOUT_S: Final = 2.0
-
-
-class TransportClosedError(Exception):
-    """The peer is gone: raised by a `Transport` when sending is no longer possible."""
-
-
-class Transport(Protocol):
-    """The WebSocket as the session sees it (rt_server.ws_endpoint adapts Starlette's)."""
-
-    async def receive(self) -> str | bytes | None:
-        """The next message; None once the peer has disconnected."""
-        ...
-
-    async def send_text(self, text: str) -> None: ...
-    async def send_bytes(self, data: bytes) -> None: ...
-    async def close(self, code: int, reason: str) -> None: ...
-
-
-class SynthesisBackend(Protocol):
-    """What a session needs of a model's engine (rt_server.engine.ModelEngine)."""
-
-    @property
-    def max_phonemes(self) -> int: ...
-    @property
-    def voices(self) -> tuple[str, ...]: ...
-    def unknown_symbols(self, text: str) -> list[str]: ...
-    async def check_voice(self, spec: str) -> str | None: ...
-    def open_session(self, session_id: str, deliver: Callable[[SegmentOutcome], None]) -> None: ...
-    def close_session(self, session_id: str) -> None: ...
-    def submit(self, job: SegmentJob) -> None: ...
-    def abort(self, session_id: str) -> None: ...
-    def report_consumed(self, session_id: str, consumed_ms: float) -> None: ...
-
-
-class SessionObserver(Protocol):
-    """Metrics hooks."""
-
-    def on_session_admitted(self) -> None: ...
-    def on_error(self, code: ErrorCode) -> None: ...
-    def on_first_audio(self, seconds: float) -> None: ...
 
 
 class State(enum.Enum):
@@ -127,18 +86,16 @@ class Session:
         self.ended = asyncio.Event()
         self._wake = asyncio.Event()
         self._outbox = Outbox(config.max_control_events)
-        self._tickets = Tickets()
         self._backend: SynthesisBackend | None = None
         self._start: Start | None = None
         self._voice = ""
         self._segmenter: Segmenter | None = None
-        self._audio: AudioOutput | None = None
+        self._playout: Playout | None = None  # from `start` on
         self._pacer = Pacer(lead_ms=0, enabled=False)
         self._next_seq = 0
         self._first_live_seq = 0  # outcomes of earlier segments were cleared: discard them
         self._received_ms = 0.0  # audio received from the engine, stale included
         self._reported_ms = 0.0
-        self._sent_samples = 0
         self._ttfa_since: float | None = None
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._end_reason = ""
@@ -186,7 +143,7 @@ class Session:
             self.fail(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
         elif self.state is State.STREAMING:
             self._cut(force=True)
-            self._tickets.append(CloseTicket(ErrorCode.SHUTTING_DOWN))
+            self._add(CloseTicket(ErrorCode.SHUTTING_DOWN))
             self.state = State.CLOSING
             self._pump()
 
@@ -259,7 +216,10 @@ class Session:
             first_segment_min_phonemes=min(self._config.first_segment_min_phonemes, backend.max_phonemes),
             clause_min_phonemes=min(self._config.clause_min_phonemes, backend.max_phonemes),
         )
-        self._audio = AudioOutput(encoding=start.encoding, sample_rate_hz=start.sample_rate_hz, frame_ms=start.frame_ms)
+        audio = AudioOutput(encoding=start.encoding, sample_rate_hz=start.sample_rate_hz, frame_ms=start.frame_ms)
+        self._playout = Playout(
+            self._outbox, audio, max_buffer_ms=self._config.max_buffer_ms, alignment=start.alignment
+        )
         self._pacer = Pacer(lead_ms=start.lead_ms, enabled=start.pace == "realtime")
         backend.open_session(self.session_id, self._on_outcome)
         self.state = State.STREAMING
@@ -298,15 +258,13 @@ class Session:
             self._cut(force=True)
             assert self._segmenter is not None
             self._segmenter.end_turn()
-            self._tickets.append(FlushTicket(message.id))
-            self._pump()
+            self._add(FlushTicket(message.id))
         elif isinstance(message, Clear):
             self._clear()
         elif isinstance(message, Close):
             self._cut(force=True)
-            self._tickets.append(CloseTicket(None))
+            self._add(CloseTicket(None))
             self.state = State.CLOSING
-            self._pump()
         else:
             self._reject(ProtocolError(ErrorCode.ALREADY_STARTED, "the session has started already"))
 
@@ -328,12 +286,12 @@ class Session:
             limit = self._backend.max_phonemes
             self._reject(ProtocolError(ErrorCode.WORD_TOO_LONG, f"a word (no whitespace) over {limit} phonemes"))
             return
-        pending = self._segmenter.pending_phonemes + self._tickets.pending_phonemes
+        pending = self._segmenter.pending_phonemes + self._pending_in_playout()
         if pending + len(text) > self._config.max_pending_phonemes or self._tickets_full():
             limit = self._config.max_pending_phonemes
             self._reject(ProtocolError(ErrorCode.INPUT_OVERFLOW, f"over {limit} phonemes would be pending"))
             return
-        if self._ttfa_since is None and not self._tickets and not self._outbox.has_audio():
+        if self._ttfa_since is None and not self._playout_len() and not self._outbox.has_audio():
             self._ttfa_since = time.monotonic()
         self._segmenter.append(text)
         self._cut(force=False)
@@ -342,8 +300,19 @@ class Session:
             delay_s = self._config.idle_cut_ms / 1000.0
             self._timers["idle"] = asyncio.get_running_loop().call_later(delay_s, self._on_idle)
 
+    def _playout_len(self) -> int:
+        return 0 if self._playout is None else len(self._playout)
+
+    def _pending_in_playout(self) -> int:
+        return 0 if self._playout is None else self._playout.pending_phonemes
+
+    def _add(self, ticket: SegmentTicket | FlushTicket | CloseTicket) -> None:
+        assert self._playout is not None
+        self._playout.add(ticket)
+        self._pump()
+
     def _tickets_full(self) -> bool:
-        if len(self._tickets) < self._config.max_pending_tickets:
+        if self._playout_len() < self._config.max_pending_tickets:
             return False
         limit = self._config.max_pending_tickets
         self._reject(ProtocolError(ErrorCode.INPUT_OVERFLOW, f"over {limit} segments and flushes pending"))
@@ -369,7 +338,8 @@ class Session:
                 submitted_at=time.monotonic(),
             )
             self._next_seq += 1
-            self._tickets.append(SegmentTicket(job.seq, phonemes))
+            assert self._playout is not None
+            self._playout.add(SegmentTicket(job.seq, phonemes))
             self._backend.submit(job)
 
     def _on_idle(self) -> None:
@@ -399,10 +369,10 @@ class Session:
 
     def _drop_pending(self) -> None:
         """Forget input, queued work and unsent audio; later outcomes of earlier segments are discarded."""
-        self._tickets.clear()
-        self._outbox.clear_ordered()
-        if self._audio is not None:
-            self._audio.reset(self._sent_samples)
+        if self._playout is not None:
+            self._playout.drop()
+        else:
+            self._outbox.clear_ordered()
         self._first_live_seq = self._next_seq
         if self._backend is not None:
             self._backend.abort(self.session_id)
@@ -415,55 +385,18 @@ class Session:
             self._received_ms += outcome.duration_ms
         if self.state is State.ENDED:
             return
-        if outcome.seq < self._first_live_seq or not self._tickets.resolve(outcome):
+        if outcome.seq < self._first_live_seq or self._playout is None or not self._playout.resolve(outcome):
             self._report(force=True)  # stale: its audio counts as consumed at once
             return
         self._pump()
 
     def _pump(self) -> None:
-        """Move ready output from the tickets into the outbox, in order, while the outbox has room."""
-        audio = self._audio
-        if audio is None or self.state is State.ENDED:
+        if self._playout is None or self.state is State.ENDED:
             return
-        budget_ms = self._config.max_buffer_ms
-        while self._tickets and self._outbox.audio_ms < budget_ms:
-            ticket = self._tickets.head()
-            if isinstance(ticket, SegmentTicket):
-                if ticket.failed is not None:
-                    self._tickets.pop()
-                    self._observer.on_error(ErrorCode.SYNTHESIS_FAILED)
-                    self._control(ErrorEvent(ErrorCode.SYNTHESIS_FAILED, f"segment {ticket.seq}: {ticket.failed}"))
-                    continue
-                if ticket.audio is None:
-                    break  # still being synthesised
-                if not ticket.announced:
-                    ticket.announced = True
-                    if self._start is not None and self._start.alignment:
-                        self._emit(ticket.alignment(audio.samples_to_ms(audio.position_samples)))
-                room_ms = budget_ms - self._outbox.audio_ms
-                for frame in audio.push(ticket.take(room_ms)):
-                    self._outbox.push(frame)
-                if ticket.remaining_samples == 0:
-                    self._tickets.pop()
-            else:
-                for frame in audio.end_stream():
-                    self._outbox.push(frame)
-                self._tickets.pop()
-                if isinstance(ticket, FlushTicket):
-                    self._emit(Flushed(ticket.flush_id))
-                else:
-                    self._emit(
-                        Done() if ticket.error is None else ErrorEvent(ticket.error, "the server is shutting down")
-                    )
-                    code = CloseCode.NORMAL if ticket.error is None else close_code_for(ticket.error)
-                    assert code is not None
-                    reason = "" if ticket.error is None else close_reason_for(ticket.error)
-                    self._outbox.push(CloseFrame(code, reason))
-                    break
+        for failure in self._playout.pump():
+            self._observer.on_error(failure.code)
+            self._control(failure)
         self._wake.set()
-
-    def _emit(self, event: ServerEvent) -> None:
-        self._outbox.push(TextEvent(encode_event(event)))
 
     def _control(self, event: ServerEvent) -> None:
         if not self._outbox.push_control(TextEvent(encode_event(event))):
@@ -472,9 +405,8 @@ class Session:
         self._wake.set()
 
     def unsent_ms(self) -> float:
-        """Audio received from the engine and not yet sent (framed, in the framer, or waiting in tickets)."""
-        framing_ms = self._audio.pending_ms if self._audio is not None else 0.0
-        return self._outbox.audio_ms + framing_ms + self._tickets.unframed_ms
+        """Audio received from the engine and not yet sent."""
+        return 0.0 if self._playout is None else self._playout.unsent_ms()
 
     def _report(self, *, force: bool) -> None:
         if self._backend is None:
@@ -488,60 +420,29 @@ class Session:
     # -- writing -----------------------------------------------------------------------------------------
 
     async def _write_loop(self) -> None:
-        while True:
-            self._wake.clear()
-            item = self._outbox.peek()
-            if item is None:
-                await self._wake.wait()
-                continue
-            if isinstance(item, AudioFrame):
-                delay_s = self._pacer.delay_s(time.monotonic(), item.duration_ms)
-                if delay_s > 0:
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(delay_s):
-                            await self._wake.wait()
-                    continue
-            self._outbox.pop()
-            try:
-                async with asyncio.timeout(self._config.stall_timeout_s):
-                    await self._send(item)
-            except TimeoutError:
-                self._on_stalled()
-                return
-            except TransportClosedError:
-                self._end("disconnected")
-                return
-            if isinstance(item, CloseFrame):
-                self._end("closed")
-                return
-            if isinstance(item, AudioFrame):
-                self._after_audio_sent(item)
+        writer = Writer(
+            self._transport,
+            self._outbox,
+            self._wake,
+            stall_timeout_s=self._config.stall_timeout_s,
+            pacer=lambda: self._pacer,
+            on_audio_sent=self._after_audio_sent,
+        )
+        exit_reason = await writer.run()
+        if exit_reason is WriterExit.STALLED:
+            # the client stopped reading: give up on it (a close frame could not get through either)
+            self._log.info("session %s: client stopped reading, closing", self.session_id)
+            self._observer.on_error(ErrorCode.STALLED)
+        self._end(exit_reason.value)
 
-    async def _send(self, item: AudioFrame | TextEvent | CloseFrame) -> None:
-        if isinstance(item, AudioFrame):
-            await self._transport.send_bytes(item.data)
-        elif isinstance(item, TextEvent):
-            await self._transport.send_text(item.text)
-        else:
-            await self._transport.close(item.code, item.reason)
-
-    def _after_audio_sent(self, frame: AudioFrame) -> None:
-        now = time.monotonic()
-        self._pacer.on_sent(now, frame.duration_ms)
-        self._sent_samples += frame.num_samples
+    def _after_audio_sent(self, frame: AudioFrame, now: float) -> None:
+        if self._playout is not None:
+            self._playout.on_sent(frame)
         if self._ttfa_since is not None:
             self._observer.on_first_audio(now - self._ttfa_since)
             self._ttfa_since = None
         self._pump()
         self._report(force=False)
-
-    def _on_stalled(self) -> None:
-        """The client stopped reading for `stall_timeout_s`: give up on it (a close frame cannot get
-        through).
-        """
-        self._log.info("session %s: client stopped reading, closing", self.session_id)
-        self._observer.on_error(ErrorCode.STALLED)
-        self._end("stalled")
 
     # -- introspection -----------------------------------------------------------------------------------
 
@@ -552,10 +453,10 @@ class Session:
             "buffered_ms": round(self._outbox.audio_ms, 3),
             "unsent_ms": round(self.unsent_ms(), 3),
             "pending_phonemes": (self._segmenter.pending_phonemes if self._segmenter else 0)
-            + self._tickets.pending_phonemes,
-            "tickets": len(self._tickets),
+            + self._pending_in_playout(),
+            "tickets": self._playout_len(),
             "outbox_items": len(self._outbox),
-            "sent_ms": round(self._audio.samples_to_ms(self._sent_samples), 3) if self._audio else 0.0,
+            "received_ms": round(self._received_ms, 3),
         }
 
     @property
