@@ -13,11 +13,13 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
 
 from rt_server.engine import BatchReport, LoadedModel, ModelEngine
 from rt_server.metrics import Gauges, Metrics
@@ -28,6 +30,7 @@ from rt_server.settings import ModelSpec, Settings
 from rt_server.ws_endpoint import EndpointContext, stream_endpoint
 
 Loader = Callable[[ModelSpec], LoadedModel]
+WEB_CLIENT_DIR = Path(__file__).resolve().parent / "web"
 
 
 def load_model(spec: ModelSpec) -> LoadedModel:
@@ -122,6 +125,8 @@ def create_app(settings: Settings, *, loader: Loader = load_model) -> Starlette:
     ]
     if settings.debug_endpoints:
         routes.append(Route("/debug/state", debug_state))
+    if WEB_CLIENT_DIR.is_dir():  # the browser client, when it is installed beside the package
+        routes.append(Mount("/", app=StaticFiles(directory=WEB_CLIENT_DIR, html=True), name="web"))
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.rt = state
     app.state.endpoint = EndpointContext(

@@ -385,15 +385,17 @@ def encode_event(event: ServerEvent) -> str:
             "type": "ready",
             "protocol_version": event.protocol_version,
             "session_id": event.session_id,
-            "model": event.model,
-            "voice": event.voice,
-            "speed": event.speed,
-            "encoding": event.encoding,
-            "sample_rate": event.sample_rate_hz,
-            "frame_ms": event.frame_ms,
-            "pace": event.pace,
-            "lead_ms": event.lead_ms,
-            "alignment": event.alignment,
+            "settings": {
+                "model": event.model,
+                "voice": event.voice,
+                "speed": event.speed,
+                "encoding": event.encoding,
+                "sample_rate": event.sample_rate_hz,
+                "frame_ms": event.frame_ms,
+                "pace": event.pace,
+                "lead_ms": event.lead_ms,
+                "alignment": event.alignment,
+            },
             "limits": {
                 "max_message_bytes": event.limits.max_message_bytes,
                 "max_pending_phonemes": event.limits.max_pending_phonemes,
@@ -436,18 +438,18 @@ def parse_server_event(raw: str) -> ServerEvent:
         raise ValueError("a server event must be a JSON object")
     kind = obj.get("type")
     if kind == "ready":
-        lim = obj["limits"]
+        lim, cfg = obj["limits"], obj["settings"]
         return Ready(
             session_id=obj["session_id"],
-            model=obj["model"],
-            voice=obj["voice"],
-            speed=float(obj["speed"]),
-            encoding=obj["encoding"],
-            sample_rate_hz=int(obj["sample_rate"]),
-            frame_ms=int(obj["frame_ms"]),
-            pace=obj["pace"],
-            lead_ms=int(obj["lead_ms"]),
-            alignment=bool(obj["alignment"]),
+            model=cfg["model"],
+            voice=cfg["voice"],
+            speed=float(cfg["speed"]),
+            encoding=cfg["encoding"],
+            sample_rate_hz=int(cfg["sample_rate"]),
+            frame_ms=int(cfg["frame_ms"]),
+            pace=cfg["pace"],
+            lead_ms=int(cfg["lead_ms"]),
+            alignment=bool(cfg["alignment"]),
             limits=Limits(
                 max_message_bytes=int(lim["max_message_bytes"]),
                 max_pending_phonemes=int(lim["max_pending_phonemes"]),

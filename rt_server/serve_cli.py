@@ -8,9 +8,11 @@ import os
 import sys
 import time
 import wave
+from collections.abc import Mapping
 from typing import Any
 
-from rt_server.settings import Settings, SettingsError, setting_names, setting_type
+from rt_server.cli import add_model_arguments
+from rt_server.settings import ModelSpec, Settings, SettingsError, setting_names, setting_type
 
 DEFAULT_URL = "ws://127.0.0.1:8000/v1/stream"
 
@@ -29,6 +31,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="a model to load, repeatable: NAME, or name=N,kind=kokoro|tiny,weights=..,config=..,voices=..,"
         "device=..,precision=..,seed=.. (env RT_SERVER_MODELS, ';'-separated)",
     )
+    # The single default model when no --model / RT_SERVER_MODELS is given (the same flags as `synth`).
+    add_model_arguments(serve)
     for name in setting_names():
         flag = "--" + name.replace("_", "-")
         kind = setting_type(name)
@@ -49,10 +53,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     say.set_defaults(handler=_say)
 
 
-def settings_from_args(args: argparse.Namespace, env: dict[str, str] | None = None) -> Settings:
+def settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
     overrides: dict[str, Any] = {name: getattr(args, name, None) for name in setting_names()}
     overrides["models"] = getattr(args, "models", None)
-    return Settings.from_sources(os.environ if env is None else env, overrides)
+    if overrides["models"] is None and not env.get("RT_SERVER_MODELS") and hasattr(args, "weights"):
+        overrides["models"] = [
+            ModelSpec(
+                name="kokoro",
+                weights=args.weights or env.get("RT_SERVER_WEIGHTS"),
+                config=args.config or env.get("RT_SERVER_CONFIG"),
+                voices_dir=args.voices_dir or env.get("RT_SERVER_VOICES_DIR"),
+                device=args.device,
+                precision=args.precision,
+            )
+        ]
+    return Settings.from_sources(env, overrides)
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -126,6 +126,11 @@ def test_settings_from_env_and_flags() -> None:
     # without RT_SERVER_MODELS, the single default model reads the same variables as `rt-server synth`
     legacy = settings_from_args(build_parser().parse_args(["serve"]), {"RT_SERVER_WEIGHTS": "/k.pth"})
     assert legacy.models == (ModelSpec(name="kokoro", weights="/k.pth"),)
+    flags = ["serve", "--weights", "/f.pth", "--voices-dir", "/v", "--device", "cpu", "--precision", "bf16"]
+    from_flags = settings_from_args(build_parser().parse_args(flags), {"RT_SERVER_WEIGHTS": "/k.pth"})
+    assert from_flags.models == (
+        ModelSpec(name="kokoro", weights="/f.pth", voices_dir="/v", device="cpu", precision="bf16"),
+    )
 
 
 @pytest.mark.parametrize(

@@ -76,11 +76,11 @@ def _s16(data: bytes) -> np.ndarray:
 async def test_whole_session(server: RunningServer, runner: Any) -> None:
     async with asyncio.timeout(60):
         ws, ready = await _start(server, alignment=True)
-        assert ready["model"] == "tiny"
-        assert ready["voice"] == "af_test"
-        assert ready["encoding"] == "pcm_s16le"
-        assert ready["sample_rate"] == 24000
-        assert ready["frame_ms"] == 20
+        assert ready["settings"]["model"] == "tiny"
+        assert ready["settings"]["voice"] == "af_test"
+        assert ready["settings"]["encoding"] == "pcm_s16le"
+        assert ready["settings"]["sample_rate"] == 24000
+        assert ready["settings"]["frame_ms"] == 20
         assert ready["limits"]["max_segment_phonemes"] == 510
         assert ready["limits"]["max_pending_phonemes"] == 400
         await ws.send(json.dumps({"type": "phonemes", "text": f"{HELLO} {TEST} "}))
@@ -187,7 +187,7 @@ async def test_idle_timeout_cuts_text_without_a_flush(server: RunningServer, run
 async def test_resampled_encodings(server: RunningServer, runner: Any, rate: int, encoding: str) -> None:
     async with asyncio.timeout(60):
         ws, ready = await _start(server, sample_rate=rate, encoding=encoding, frame_ms=40)
-        assert (ready["sample_rate"], ready["encoding"]) == (rate, encoding)
+        assert (ready["settings"]["sample_rate"], ready["settings"]["encoding"]) == (rate, encoding)
         await ws.send(json.dumps({"type": "phonemes", "text": f"{HELLO} {TEST}"}))
         await ws.send(json.dumps({"type": "flush"}))
         got = await receive_until_closed(ws, stop_after="flushed")
@@ -366,7 +366,7 @@ async def test_realtime_pace_releases_audio_at_most_lead_ms_ahead(server: Runnin
     lead_ms, frame_ms = 200, 20
     async with asyncio.timeout(60):
         ws, ready = await _start(server, pace="realtime", lead_ms=lead_ms, frame_ms=frame_ms)
-        assert (ready["pace"], ready["lead_ms"]) == ("realtime", lead_ms)
+        assert (ready["settings"]["pace"], ready["settings"]["lead_ms"]) == ("realtime", lead_ms)
         await ws.send(json.dumps({"type": "phonemes", "text": f"{HELLO} {TEST}"}))
         await ws.send(json.dumps({"type": "close"}))
         loop = asyncio.get_running_loop()
