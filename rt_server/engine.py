@@ -41,9 +41,14 @@ T = TypeVar("T")
 # Commands waiting for the engine thread. Sessions bound what they submit (pending phonemes and tickets), so
 # this is far above normal use: 65536 commands of ~200 B is ~13 MiB at worst. Beyond it `submit` raises.
 MAX_QUEUED_COMMANDS: Final = 65_536
-# Code points probed once at load to take a plain snapshot of the vocabulary (the Basic Multilingual Plane,
-# surrogates excluded): Kokoro's symbols are single BMP code points.
-_PROBE: Final = "".join(chr(c) for c in range(0x21, 0x10000) if not 0xD800 <= c <= 0xDFFF)
+
+
+def _vocabulary(runner: ModelRunnerLike) -> frozenset[str]:
+    """A plain snapshot of the vocabulary, probed once at load: Kokoro's symbols are single code points of the
+    Basic Multilingual Plane, so asking about every one of them (surrogates excluded) finds them all.
+    """
+    probe = "".join(chr(c) for c in range(0x20, 0x10000) if not 0xD800 <= c <= 0xDFFF)
+    return frozenset(probe) - frozenset(runner.unknown_symbols(probe))
 
 
 class SynthesisResultLike(Protocol):
@@ -308,7 +313,7 @@ class ModelEngine:
                 sample_rate_hz=runner.sample_rate_hz,
                 max_phonemes=runner.max_phonemes,
                 voices=tuple(runner.voice_names()),
-                vocabulary=frozenset(_PROBE) - frozenset(runner.unknown_symbols(_PROBE)) | {" "},
+                vocabulary=_vocabulary(runner),
             )
             if info.sample_rate_hz != SOURCE_SAMPLE_RATE_HZ:
                 raise ValueError(f"model {self.name!r} runs at {info.sample_rate_hz} Hz, expected 24000")

@@ -167,8 +167,8 @@ def parse_client_message(raw: str | bytes) -> ClientMessage:
         raise ProtocolError(ErrorCode.BINARY_FRAME, "binary frames are not accepted; send JSON text frames")
     try:
         obj = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise ProtocolError(ErrorCode.INVALID_JSON, f"malformed JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, over-long integers, deep nesting
+        raise ProtocolError(ErrorCode.INVALID_JSON, f"malformed JSON: {str(exc)[:200]}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, "a message must be a JSON object")
     kind = obj.get("type")
@@ -482,4 +482,9 @@ def parse_server_event(raw: str) -> ServerEvent:
 
 
 def _dumps(obj: dict[str, Any]) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate echoed from client input: escape it, stay valid UTF-8
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=True)
+    return text

@@ -121,6 +121,7 @@ def test_other_messages() -> None:
         ('{"type":"speak"}', ErrorCode.INVALID_MESSAGE, CloseCode.INVALID_PAYLOAD),
         ('{"type":7}', ErrorCode.INVALID_MESSAGE, CloseCode.INVALID_PAYLOAD),
         ("[" * 100_000, ErrorCode.INVALID_JSON, CloseCode.INVALID_PAYLOAD),
+        ('{"type":"start","frame_ms":' + "9" * 5000 + "}", ErrorCode.INVALID_JSON, CloseCode.INVALID_PAYLOAD),
         ('{"type":"phonemes","text":5}', ErrorCode.INVALID_FIELD, None),
         ('{"type":"phonemes"}', ErrorCode.INVALID_FIELD, None),
         ('{"type":"flush","id":true}', ErrorCode.INVALID_FIELD, None),
@@ -184,3 +185,10 @@ def test_error_event_names_its_close_code() -> None:
     assert fatal == {"type": "error", "code": "invalid_json", "message": "x", "close_code": 1007}
     benign = json.loads(encode_event(ErrorEvent(ErrorCode.INPUT_OVERFLOW, "y")))
     assert "close_code" not in benign
+
+
+def test_events_stay_valid_utf8_when_echoing_lone_surrogates() -> None:
+    text = encode_event(ErrorEvent(ErrorCode.UNKNOWN_SYMBOLS, "bad \ud800", ("\ud800",)))
+    text.encode("utf-8")  # would raise for a raw surrogate
+    assert json.loads(text)["symbols"] == ["\ud800"]
+    assert "ə" in encode_event(Flushed("ə"))  # normal text is not escaped

@@ -257,6 +257,7 @@ async def test_rejected_messages_leave_the_session_going(server: RunningServer, 
             ({"type": "phonemes", "text": "ab " * 134}, "input_overflow"),
             ({"type": "flush", "id": [1]}, "invalid_field"),
             ({"type": "start"}, "already_started"),
+            ({"type": "phonemes", "text": "ab \ud800"}, "unknown_symbols"),  # a lone surrogate, echoed safely
         ]
         for message, _ in bad:
             await ws.send(json.dumps(message))

@@ -185,6 +185,7 @@ class Session:
                 if not isinstance(message, Start):
                     self.fail(ErrorCode.START_REQUIRED, "the first message must be `start`")
                     continue
+                self._cancel_timer("start")  # it came in time, however long the voice check takes
                 await self._on_start(message)
             else:
                 self._on_message(message)
@@ -205,11 +206,10 @@ class Session:
         voice = start.voice or backend.voices[0]
         problem = await backend.check_voice(voice)
         if self.state is not State.AWAITING_START:
-            return  # the peer left, or the start timeout fired, while the voice was checked
+            return  # the peer left, or the server began shutting down, while the voice was checked
         if problem is not None:
             self.fail(ErrorCode.UNKNOWN_VOICE, problem)
             return
-        self._cancel_timer("start")
         self._backend, self._start, self._voice = backend, start, voice
         self._segmenter = Segmenter(
             max_phonemes=backend.max_phonemes,
