@@ -102,7 +102,7 @@ async def _slow_reader_scenario(server: RunningServer, slow: Any) -> None:
     assert fast_got.close_code == 1000
     assert fast_got.types()[-1] == "done"
     total_frames = 13_000 // FRAME_MS  # LONG_TEXT is well over 13 s of audio
-    assert frames_when_fast_done < total_frames // 4, "the fast session finished while the slow one lagged"
+    assert frames_when_fast_done < total_frames // 2, "the fast session finished while the slow one lagged"
     # the slow session's work is held back by the scheduler, not synthesised into an ever-growing buffer:
     # framed audio stays within max_buffer_ms (+ a frame), and all audio received from the engine but not yet
     # sent within that plus one segment waiting to be framed

@@ -389,3 +389,14 @@ async def test_realtime_pace_releases_audio_at_most_lead_ms_ahead(server: Runnin
     # never more than lead_ms ahead, plus the frame in flight and 50 ms for a late first read on this side
     # (a slow server only makes it smaller); without pacing all 3.3 s would arrive at once
     assert worst_lead_ms <= lead_ms + frame_ms + 50
+
+
+@pytest.mark.asyncio
+async def test_per_message_deflate_is_not_negotiated(server: RunningServer) -> None:
+    async with asyncio.timeout(30):
+        ws = await websockets.connect(server.url)  # offers permessage-deflate by default
+        try:
+            assert ws.response is not None
+            assert ws.response.headers.get("Sec-WebSocket-Extensions") is None
+        finally:
+            await ws.close()
