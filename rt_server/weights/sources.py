@@ -182,9 +182,7 @@ def read_voice_packs() -> dict[str, npt.NDArray[np.float32]]:
         for name in npz.files:
             arr = npz[name]
             if arr.shape != VOICE_PACK_SHAPE or arr.dtype != np.float32 or not np.isfinite(arr).all():
-                raise WeightsSourceError(
-                    f"voice {name!r} is {arr.dtype} {arr.shape}, expected float32 [510,1,256]"
-                )
+                raise WeightsSourceError(f"voice {name!r} is {arr.dtype} {arr.shape}, expected float32 [510,1,256]")
             if not name.replace("_", "").isalnum():
                 raise WeightsSourceError(f"unexpected voice name {name!r}")
             packs[name] = np.ascontiguousarray(arr)

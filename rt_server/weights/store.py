@@ -122,10 +122,7 @@ def is_complete(paths: WeightPaths, source_sha256: str) -> bool:
     manifest = read_manifest(paths)
     if manifest is None:
         return False
-    if (
-        manifest.get("format_version") != STORE_FORMAT_VERSION
-        or manifest.get("source_sha256") != source_sha256
-    ):
+    if manifest.get("format_version") != STORE_FORMAT_VERSION or manifest.get("source_sha256") != source_sha256:
         return False
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
