@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from rt_server.engine import BatchReport, LoadedModel, ModelEngine
 from rt_server.metrics import Gauges, Metrics
@@ -126,7 +127,8 @@ def create_app(settings: Settings, *, loader: Loader = load_model) -> Starlette:
     if settings.debug_endpoints:
         routes.append(Route("/debug/state", debug_state))
     if WEB_CLIENT_DIR.is_dir():  # the browser client, when it is installed beside the package
-        routes.append(Mount("/", app=StaticFiles(directory=WEB_CLIENT_DIR, html=True), name="web"))
+        web = StaticFiles(directory=WEB_CLIENT_DIR, html=True)
+        routes.append(Mount("/", app=_http_only(web), name="web"))
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.rt = state
     app.state.endpoint = EndpointContext(
@@ -137,6 +139,18 @@ def create_app(settings: Settings, *, loader: Loader = load_model) -> Starlette:
         observer=metrics,
     )
     return app
+
+
+def _http_only(app: ASGIApp) -> ASGIApp:
+    """Static files answer HTTP only; a WebSocket to any other path is refused before the upgrade (403)."""
+
+    async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008, "reason": ""})
+            return
+        await app(scope, receive, send)
+
+    return guarded
 
 
 def _state(request: Request) -> ServerState:

@@ -400,3 +400,13 @@ async def test_per_message_deflate_is_not_negotiated(server: RunningServer) -> N
             assert ws.response.headers.get("Sec-WebSocket-Extensions") is None
         finally:
             await ws.close()
+
+
+@pytest.mark.asyncio
+async def test_a_websocket_to_another_path_is_refused_and_the_server_goes_on(server: RunningServer) -> None:
+    async with asyncio.timeout(30):
+        with pytest.raises(websockets.InvalidStatus) as info:
+            await websockets.connect(server.url.replace("/v1/stream", "/v1/nope"))
+        assert info.value.response.status_code == 403
+        status, _ = await asyncio.to_thread(server.get, "/healthz")
+        assert status == 200
