@@ -94,6 +94,7 @@ def start_server(settings: Settings, *, sndbuf_bytes: int | None = None, loader:
 
 
 POISON = "ʒʒʒ"  # a word that makes `poisoned_loader`'s runner raise: fault injection around the real model
+BROKEN_VOICE = "broken"  # a voice whose check raises an unexpected error (a server fault, not a bad voice)
 
 
 class _PoisonedRunner:
@@ -103,7 +104,12 @@ class _PoisonedRunner:
         self._runner = runner
         self.name, self.sample_rate_hz, self.max_phonemes = runner.name, runner.sample_rate_hz, runner.max_phonemes
         self.unknown_symbols, self.voice_names = runner.unknown_symbols, runner.voice_names
-        self.check_voice, self.warmup = runner.check_voice, runner.warmup
+        self.warmup = runner.warmup
+
+    def check_voice(self, spec: str) -> None:
+        if spec == BROKEN_VOICE:
+            raise RuntimeError("injected fault")
+        self._runner.check_voice(spec)
 
     def synthesize(self, requests: Any) -> Any:
         if any(POISON in r.phonemes for r in requests):

@@ -15,6 +15,7 @@ import pytest
 import websockets
 from scipy.signal import resample_poly
 from server_harness import (
+    BROKEN_VOICE,
     POISON,
     TINY,
     TINY2,
@@ -410,3 +411,16 @@ async def test_a_websocket_to_another_path_is_refused_and_the_server_goes_on(ser
         assert info.value.response.status_code == 403
         status, _ = await asyncio.to_thread(server.get, "/healthz")
         assert status == 200
+
+
+@pytest.mark.asyncio
+async def test_an_internal_fault_closes_with_1011_and_no_reason(server: RunningServer) -> None:
+    async with asyncio.timeout(30):
+        ws = await websockets.connect(server.url, compression=None)
+        await ws.send(json.dumps({"type": "start", "voice": BROKEN_VOICE}))
+        got = await receive_until_closed(ws)
+        status, _ = await asyncio.to_thread(server.get, "/readyz")
+    assert got.events == [{"type": "error", "code": "internal", "message": "internal server error", "close_code": 1011}]
+    assert got.close_code == 1011
+    assert got.close_reason == ""
+    assert status == 200
