@@ -44,11 +44,8 @@ MAX_QUEUED_COMMANDS: Final = 65_536
 
 
 def _vocabulary(runner: ModelRunnerLike) -> frozenset[str]:
-    """A plain snapshot of the vocabulary, probed once at load: Kokoro's symbols are single code points of the
-    Basic Multilingual Plane, so asking about every one of them (surrogates excluded) finds them all.
-    """
-    probe = "".join(chr(c) for c in range(0x20, 0x10000) if not 0xD800 <= c <= 0xDFFF)
-    return frozenset(probe) - frozenset(runner.unknown_symbols(probe))
+    """A plain snapshot of the vocabulary, taken once at load, so validation needs no engine thread."""
+    return frozenset(runner.vocabulary())
 
 
 class SynthesisResultLike(Protocol):
@@ -68,6 +65,7 @@ class ModelRunnerLike(Protocol):
     max_phonemes: int
 
     def unknown_symbols(self, phonemes: str) -> list[str]: ...
+    def vocabulary(self) -> frozenset[str]: ...
     def voice_names(self) -> list[str]: ...
     def check_voice(self, spec: str) -> None: ...
     def synthesize(self, requests: Sequence[Any]) -> Sequence[SynthesisResultLike]: ...

@@ -37,7 +37,10 @@ class FakeRunner:
         self.gate.set()
 
     def unknown_symbols(self, phonemes: str) -> list[str]:
-        return [c for c in dict.fromkeys(phonemes) if c not in "abcdefgh .,"]
+        return [c for c in dict.fromkeys(phonemes) if c not in self.vocabulary()]
+
+    def vocabulary(self) -> frozenset[str]:
+        return frozenset("abcdefgh .,")
 
     def voice_names(self) -> list[str]:
         return ["v1", "v2"]

@@ -124,7 +124,7 @@ def test_model_is_in_eval_mode_and_runs_without_grad(model: KModel, style: torch
 def test_bf16_precision_runs_and_stays_close(style: torch.Tensor) -> None:
     fp32 = tiny_model(seed=0)
     bf16 = tiny_model(seed=0)
-    bf16.precision = "bf16"
+    bf16.set_precision("bf16")
     ids = torch.tensor([fp32.tokenize(HELLO)])
     _, d32 = fp32.forward_with_tokens(ids, style, noise=False)
     a16, d16 = bf16.forward_with_tokens(ids, style, noise=False)

@@ -24,7 +24,7 @@ from rt_server.model.albert import CustomAlbert
 from rt_server.model.checkpoint import SECTIONS, Checkpoint, CheckpointError, load_checkpoint
 from rt_server.model.config import PAD_TOKEN_ID, SAMPLES_PER_FRAME, KokoroConfig, load_config
 from rt_server.model.istftnet import HARMONIC_NUM, Decoder, FrameGeometry
-from rt_server.model.layers import InstanceNormAffine, WeightNormMixin, apply_mask, sequence_mask
+from rt_server.model.layers import AdaIN1d, InstanceNormAffine, WeightNormMixin, apply_mask, sequence_mask
 from rt_server.model.prosody import ProsodyPredictor, TextEncoder, expand_to_frames
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -95,6 +95,18 @@ class KModel(nn.Module):
             self.load_weights(load_checkpoint(model) if isinstance(model, str | Path) else model)
         self.eval()
         self.to(resolve_device(device))
+        self.set_precision(precision)
+
+    def set_precision(self, precision: str) -> None:
+        """`fp32` computes every layer in the reference's operation order (it matches the reference to float
+        rounding). `bf16`/`fp16` run convolutions and matmuls under autocast and fuse the AdaIN and Snake
+        element-wise work; the LSTMs, the sine source and both STFTs stay in float32."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        self.precision = precision
+        for sub in self.modules():
+            if isinstance(sub, AdaIN1d):
+                sub.fused = precision != "fp32"
 
     @property
     def device(self) -> torch.device:

@@ -51,6 +51,10 @@ class ModelRunner:
     def unknown_symbols(self, phonemes: str) -> list[str]:
         return self.model.unknown_symbols(phonemes)
 
+    def vocabulary(self) -> frozenset[str]:
+        """The phoneme symbols the model accepts (plain data, for validation off the engine thread)."""
+        return frozenset(self.model.vocab)
+
     def voice_names(self) -> list[str]:
         return self.voices.names()
 
