@@ -356,6 +356,7 @@ async function onSpeak() {
   hideError();
   if (run && !stats.turnDone) onStop();
   stopRun();
+  resetRunStats(); // now, not once the session is open: the figures never mix two runs
   connecting = true;
   try {
     const ctx = ensureContext(start.sample_rate); // first, while the click still counts as a gesture
@@ -368,17 +369,22 @@ async function onSpeak() {
   }
 }
 
-// Sends `text` a word at a time (each with its trailing whitespace, as a language model would emit tokens) or
-// all at once, then a flush that ends the turn.
-function beginRun(s, text) {
+function resetRunStats() {
   stats.runs += 1;
   stats.ttfaMs = null;
   stats.receivedSamples = 0;
   stats.receivedS = 0;
+  stats.playedS = 0;
+  stats.underruns = 0;
   stats.framesReceived = 0;
   stats.highlighted = 0;
   stats.highlight = null;
   stats.turnDone = false;
+}
+
+// Sends `text` a word at a time (each with its trailing whitespace, as a language model would emit tokens) or
+// all at once, then a flush that ends the turn.
+function beginRun(s, text) {
   toPlayer(s, { type: "resetStats" });
   const words = $("word-mode").checked ? text.match(/\S+\s*/g) || [] : [text];
   const intervalMs = Math.max(0, Number($("interval-ms").value) || 0);
