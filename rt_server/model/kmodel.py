@@ -104,9 +104,12 @@ class KModel(nn.Module):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         self.precision = precision
+        reduced = PRECISIONS[precision] if precision != "fp32" else None
         for sub in self.modules():
             if isinstance(sub, AdaIN1d):
-                sub.fused = precision != "fp32"
+                sub.fused = reduced is not None
+            if isinstance(sub, WeightNormMixin):
+                sub.fold_weight_norm(reduced)  # reduced-precision weights once, not a cast per call
 
     @property
     def device(self) -> torch.device:
@@ -168,10 +171,12 @@ class KModel(nn.Module):
         return out
 
     def fold_weight_norm(self) -> None:
-        """Cache every weight-normed layer's `g * v / ||v||` (recomputed by `load_weights`)."""
+        """Cache every weight-normed layer's `g * v / ||v||` (recomputed by `load_weights`), in the working
+        precision's dtype."""
+        reduced = PRECISIONS[self.precision] if self.precision != "fp32" else None
         for sub in self.modules():
             if isinstance(sub, WeightNormMixin):
-                sub.fold_weight_norm()
+                sub.fold_weight_norm(reduced)
 
     # ---- tokens ----------------------------------------------------------------------------------------
 

@@ -45,9 +45,16 @@ class WeightNormMixin:
             return self.folded_weight
         return torch._weight_norm(self.weight_v, self.weight_g, 0)
 
-    def fold_weight_norm(self) -> None:
+    def fold_weight_norm(self, dtype: torch.dtype | None = None) -> None:
+        """Cache `g * v / ||v||`, computed in float32 and stored in `dtype` (default: the parameters')."""
         with torch.no_grad():
-            self.folded_weight = torch._weight_norm(self.weight_v, self.weight_g, 0).detach().clone()
+            folded = torch._weight_norm(self.weight_v, self.weight_g, 0).detach().clone()
+            self.folded_weight = folded if dtype is None else folded.to(dtype)
+
+    def compute_dtype(self, x: Tensor) -> torch.dtype:
+        """A reduced-precision folded weight sets the dtype; otherwise the input does (autocast may lower it)."""
+        weight = self.effective_weight()
+        return x.dtype if weight.dtype == torch.float32 else weight.dtype
 
     def unfold_weight_norm(self) -> None:
         self.folded_weight = None
@@ -77,9 +84,10 @@ class WNConv1d(WeightNormMixin, nn.Module):
         self.register_buffer("folded_weight", None, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = self.effective_weight().to(x.dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.conv1d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        dtype = self.compute_dtype(x)
+        weight = self.effective_weight().to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.conv1d(x.to(dtype), weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 class WNConvTranspose1d(WeightNormMixin, nn.Module):
@@ -105,9 +113,10 @@ class WNConvTranspose1d(WeightNormMixin, nn.Module):
         self.register_buffer("folded_weight", None, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = self.effective_weight().to(x.dtype)
+        dtype = self.compute_dtype(x)
+        weight = self.effective_weight().to(dtype)
         return F.conv_transpose1d(
-            x, weight, self.bias.to(x.dtype), self.stride, self.padding, self.output_padding, self.groups
+            x.to(dtype), weight, self.bias.to(dtype), self.stride, self.padding, self.output_padding, self.groups
         )
 
 
