@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh test
-.venv/bin/ruff check .
-.venv/bin/ruff format --check .
+.venv/bin/ruff check rt_server tests bench
+.venv/bin/ruff format --check rt_server tests bench
 .venv/bin/mypy
 .venv/bin/python -m pytest "$@"
