@@ -92,6 +92,7 @@ class Settings:
     # Scheduling
     max_batch_size: int = 8
     max_batch_tokens: int = 4096
+    max_padding_waste: float = 0.5  # share of a padded batch that may be padding (length bucketing)
     batch_wait_ms: float = 5.0
     urgent_within_ms: float = 500.0
     # Lifecycle
@@ -127,6 +128,8 @@ class Settings:
                 raise SettingsError(f"{name} must be positive")
         if not 0 <= self.buffer_low_water_ms <= self.max_buffer_ms:
             raise SettingsError("buffer_low_water_ms must be within 0..max_buffer_ms")
+        if not 0.0 <= self.max_padding_waste < 1.0:
+            raise SettingsError("max_padding_waste must be within 0..1 (exclusive)")
         if self.max_batch_tokens < 512:
             raise SettingsError("max_batch_tokens must hold one full segment (512 tokens)")
         for name in ("batch_wait_ms", "urgent_within_ms", "shutdown_grace_s", "ws_ping_interval_s"):

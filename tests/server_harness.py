@@ -104,6 +104,7 @@ class _PoisonedRunner:
         self._runner = runner
         self.name, self.sample_rate_hz, self.max_phonemes = runner.name, runner.sample_rate_hz, runner.max_phonemes
         self.unknown_symbols, self.voice_names = runner.unknown_symbols, runner.voice_names
+        self.vocabulary = runner.vocabulary
         self.warmup = runner.warmup
 
     def check_voice(self, spec: str) -> None:

@@ -175,3 +175,14 @@ def test_never_exceeds_its_budget_and_keeps_each_session_in_order(
     for name, order in done.items():
         assert order == list(range(seqs[name] + 1))
     assert sum(len(v) for v in done.values()) == len(jobs)
+
+
+def test_padding_waste_is_bounded_by_length_bucketing() -> None:
+    sched = _scheduler(max_padding_waste=0.3)
+    for name in "abc":
+        sched.open_session(name)
+    sched.submit(_job("a", 0, 198, first=True))  # 200 tokens with the boundaries
+    sched.submit(_job("b", 0, 18, first=True))  # 20 tokens: 45 % of a shared pass would be padding
+    sched.submit(_job("c", 0, 178, first=True))  # 180 tokens: 5 % padding
+    assert _batch(sched.plan(0.0)) == [("a", 0), ("c", 0)]
+    assert _batch(sched.plan(0.0)) == [("b", 0)]  # the short one runs next, not padded to 200

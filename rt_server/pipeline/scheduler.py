@@ -8,8 +8,9 @@ Policy:
 - A session's segments run in order: only the head of each session's queue is a candidate, one per batch.
 - Priority by playback deadline: a turn's first segment first (its listener hears nothing yet), then the
   sessions whose audio runs out soonest, then arrival order.
-- A bounded batch: at most `max_batch_size` segments and `max_batch_tokens` padded tokens (batch size times
-  the longest item, the cost of a padded batched forward). The first candidate always fits (<= 512 tokens).
+- A bounded batch, by length bucketing (`pipeline.bucketing`): at most `max_batch_size` segments, at most
+  `max_batch_tokens` padded cost (batch size times the longest item's tokens / speed, the cost of a padded
+  batched forward) and at most `max_padding_waste` of it padding. The first candidate always runs.
 - A bounded wait for more work (`max_wait_ms`), only when it pays: the batch is not full and no candidate is
   urgent (a first segment, or a session whose audio runs out within `urgent_within_ms`).
 - Backpressure: a session whose unsent audio reaches `high_water_ms` is not planned again until it drains to
@@ -22,6 +23,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from rt_server.pipeline.bucketing import BucketLimits, choose_batch
 from rt_server.pipeline.flow import WaterMarks
 from rt_server.pipeline.jobs import SegmentJob
 
@@ -31,6 +33,8 @@ class SchedulerConfig:
     max_batch_size: int = 8
     max_batch_tokens: int = 4096
     max_wait_ms: float = 5.0
+    # Share of a padded batch that may be padding (rt_server.pipeline.bucketing): bounds wasted compute.
+    max_padding_waste: float = 0.5
     urgent_within_ms: float = 500.0
     high_water_ms: float = 2000.0
     low_water_ms: float = 1000.0
@@ -188,17 +192,15 @@ class Scheduler:
         return Batch(jobs=tuple(chosen))
 
     def _select(self, ordered: list[SegmentJob]) -> list[SegmentJob]:
-        chosen: list[SegmentJob] = []
-        longest = 0
-        for job in ordered:
-            if len(chosen) == self.config.max_batch_size:
-                break
-            padded = (len(chosen) + 1) * max(longest, job.tokens)
-            if chosen and padded > self.config.max_batch_tokens:
-                continue  # a shorter candidate further down may still fit
-            chosen.append(job)
-            longest = max(longest, job.tokens)
-        return chosen
+        """Length bucketing over the candidates in priority order: the most urgent always runs, and others
+        share its pass only while the padded batch stays within the token budget and the padding waste bound.
+        The cost of an item is its frame count's proxy, tokens / speed (frames dominate the decoder)."""
+        limits = BucketLimits(
+            max_items=self.config.max_batch_size,
+            max_padded_cost=float(self.config.max_batch_tokens),
+            max_waste=self.config.max_padding_waste,
+        )
+        return [ordered[i] for i in choose_batch([job.tokens / job.speed for job in ordered], limits)]
 
     def _should_run_now(
         self, candidates: list[tuple[tuple[int, float, float], SegmentJob]], chosen: list[SegmentJob], now: float
