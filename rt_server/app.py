@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -16,13 +17,16 @@ from functools import partial
 from pathlib import Path
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from rt_server.access import AccessPolicy, ApiKeys
 from rt_server.engine import BatchReport, LoadedModel, ModelEngine
+from rt_server.guard import AccessGuard
 from rt_server.metrics import Gauges, Metrics
 from rt_server.pipeline.registry import SessionRegistry
 from rt_server.pipeline.scheduler import SchedulerConfig
@@ -32,6 +36,16 @@ from rt_server.ws_endpoint import EndpointContext, stream_endpoint
 
 Loader = Callable[[ModelSpec], LoadedModel]
 WEB_CLIENT_DIR = Path(__file__).resolve().parent / "web"
+_PAGE_SIZE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def resident_memory_bytes() -> int | None:
+    """This process's resident set size (Linux /proc), or None where that is not available."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            return int(statm.read().split()[1]) * _PAGE_SIZE_BYTES
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def load_model(spec: ModelSpec) -> LoadedModel:
@@ -72,6 +86,7 @@ def session_config(settings: Settings) -> SessionConfig:
         max_buffer_ms=settings.max_buffer_ms,
         stall_timeout_s=settings.stall_timeout_s,
         start_timeout_s=settings.start_timeout_s,
+        idle_timeout_s=settings.idle_timeout_s,
         idle_cut_ms=settings.idle_cut_ms,
         first_segment_min_phonemes=settings.first_segment_min_phonemes,
         clause_min_phonemes=settings.clause_min_phonemes,
@@ -90,11 +105,23 @@ def scheduler_config(settings: Settings) -> SchedulerConfig:
     )
 
 
+def access_policy(settings: Settings) -> AccessPolicy:
+    """Keys and origins from the settings. Public without a key: /healthz and the static web client's files
+    (the same bytes as the published source; the page asks for the key and passes it on).
+    """
+    public = {"/healthz"}
+    if WEB_CLIENT_DIR.is_dir():
+        files = [p.name for p in WEB_CLIENT_DIR.iterdir() if p.is_file()]
+        public |= {"/", *(f"/{name}" for name in files)}
+    return AccessPolicy(ApiKeys(settings.api_keys), frozenset(settings.allowed_origins), frozenset(public))
+
+
 def create_app(settings: Settings, *, loader: Loader = load_model) -> Starlette:
     metrics = Metrics()
 
     def on_batch(report: BatchReport) -> None:
         metrics.on_batch(report.model, report.size, report.compute_s, report.audio_s, report.failed)
+        metrics.on_oom_splits(report.model, report.oom_splits)
 
     engines = {
         spec.name: ModelEngine(
@@ -102,7 +129,8 @@ def create_app(settings: Settings, *, loader: Loader = load_model) -> Starlette:
         )
         for spec in settings.models
     }
-    state = ServerState(settings, engines, SessionRegistry(settings.max_sessions), metrics)
+    registry = SessionRegistry(settings.max_sessions, settings.max_sessions_per_client)
+    state = ServerState(settings, engines, registry, metrics)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -130,7 +158,9 @@ def create_app(settings: Settings, *, loader: Loader = load_model) -> Starlette:
     if WEB_CLIENT_DIR.is_dir():  # the browser client, when it is installed beside the package
         web = StaticFiles(directory=WEB_CLIENT_DIR, html=True)
         routes.append(Mount("/", app=_http_only(web), name="web"))
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(
+        routes=routes, lifespan=lifespan, middleware=[Middleware(AccessGuard, policy=access_policy(settings))]
+    )
     app.state.rt = state
     app.state.endpoint = EndpointContext(
         registry=state.registry,
@@ -208,6 +238,7 @@ def _gauges(state: ServerState) -> Gauges:
         queue_depth={name: e.stats.queue_depth for name, e in state.engines.items()},
         engine_sessions={name: e.stats.sessions for name, e in state.engines.items()},
         models_ready={name: e.ready for name, e in state.engines.items()},
+        resident_memory_bytes=resident_memory_bytes(),
     )
 
 
@@ -225,6 +256,8 @@ async def debug_state(request: Request) -> Response:
         {
             "draining": state.registry.draining,
             "tasks": len(asyncio.all_tasks()),
+            "rss_bytes": resident_memory_bytes(),
+            "clients": state.registry.clients,
             "sessions": {s.session_id: s.snapshot() for s in state.registry.sessions()},
             "engines": {
                 name: dataclasses.asdict(e.stats) | {"open_sessions": e.open_sessions}

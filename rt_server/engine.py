@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -27,11 +28,14 @@ import numpy.typing as npt
 
 from rt_server.pipeline.jobs import (
     SOURCE_SAMPLE_RATE_HZ,
+    Delivery,
+    EngineFailed,
     SegmentAudio,
     SegmentFailed,
     SegmentJob,
     SegmentOutcome,
 )
+from rt_server.pipeline.oom import run_in_halves
 from rt_server.pipeline.scheduler import Batch, Scheduler, SchedulerConfig, Wait
 
 log = logging.getLogger(__name__)
@@ -102,7 +106,8 @@ class BatchReport:
     tokens: int
     compute_s: float
     audio_s: float
-    failed: bool
+    failed: bool  # some of its segments failed
+    oom_splits: int = 0  # times a part of it ran out of memory and was split in halves
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,10 @@ class EngineStats:
 
 class EngineOverloadedError(RuntimeError):
     """More than MAX_QUEUED_COMMANDS commands are waiting for the engine thread."""
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine thread is not running (stopped, or died of an unexpected error)."""
 
 
 @dataclass(frozen=True)
@@ -149,9 +158,14 @@ class _Inbox:
         self._commands: deque[_Command] = deque()  # bound: MAX_QUEUED_COMMANDS
         self._consumed: dict[str, float] = {}  # bound: one entry per open session
         self.stopping = False
+        self.closed: str | None = None  # why the thread is gone, once it is
 
     def put(self, command: _Command) -> None:
         with self._cond:
+            if self.closed is not None:
+                if isinstance(command, _Call):
+                    raise EngineStoppedError(self.closed)
+                return  # the sessions it concerns are failed, or are about to be
             if len(self._commands) >= MAX_QUEUED_COMMANDS:
                 raise EngineOverloadedError("engine command queue is full")
             self._commands.append(command)
@@ -167,6 +181,15 @@ class _Inbox:
             self.stopping = True
             self._cond.notify()
 
+    def close(self, reason: str) -> None:
+        """For good (the thread is gone): refuse further commands and fail the calls still waiting."""
+        with self._cond:
+            self.stopping = True
+            self.closed = reason
+            commands = list(self._commands)
+            self._commands.clear()
+        _fail_calls(commands, reason)
+
     def take(self, timeout_s: float | None) -> tuple[list[_Command], dict[str, float]]:
         """Everything waiting; blocks up to `timeout_s` (None: until something arrives) when nothing is."""
         with self._cond:
@@ -178,7 +201,7 @@ class _Inbox:
             return commands, consumed
 
 
-Deliver = Callable[[SegmentOutcome], None]
+Deliver = Callable[[Delivery], None]
 
 
 class ModelEngine:
@@ -227,7 +250,8 @@ class ModelEngine:
 
     @property
     def ready(self) -> bool:
-        return self._info is not None and self._thread is not None and self._thread.is_alive()
+        alive = self._thread is not None and self._thread.is_alive() and self._inbox.closed is None
+        return self._info is not None and alive
 
     @property
     def info(self) -> ModelInfo:
@@ -263,13 +287,18 @@ class ModelEngine:
         return result
 
     async def call(self, fn: Callable[[ModelRunnerLike], T]) -> T:
-        """Run `fn(runner)` on the engine thread between steps."""
+        """Run `fn(runner)` on the engine thread between steps; raises `EngineStoppedError` once the thread is
+        gone.
+        """
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         self._inbox.put(_Call(fn, future))
         return await asyncio.wrap_future(future)
 
     def open_session(self, session_id: str, deliver: Deliver) -> None:
         self._deliver[session_id] = deliver
+        if self._inbox.closed is not None:  # the thread died: fail it soon, as the others were
+            asyncio.get_running_loop().call_soon(self._fail_sessions, session_id)
+            return
         self._inbox.put(_Open(session_id))
 
     def close_session(self, session_id: str) -> None:
@@ -299,6 +328,13 @@ class ModelEngine:
         if report is not None and self._on_batch is not None:
             self._on_batch(report)
 
+    def _fail_sessions(self, only: str | None = None) -> None:
+        """On the event loop, after the engine thread died: every open session (or `only` that one) fails
+        (`internal`, 1011)."""
+        for session_id, deliver in list(self._deliver.items()):
+            if only is None or session_id == only:
+                deliver(EngineFailed(session_id))
+
     # -- the engine thread -------------------------------------------------------------------------------
 
     def _run(self, ready: concurrent.futures.Future[ModelInfo]) -> None:
@@ -322,8 +358,13 @@ class ModelEngine:
         try:
             self._serve(loaded)
         except BaseException:
+            # Not re-raised: the thread ends here either way, and the sessions must not wait for it. The
+            # engine reports not ready from now on (the thread is not alive).
             log.exception("engine %s stopped by an unexpected error", self.name)
-            raise
+            self._inbox.close(f"engine {self.name} stopped by an unexpected error")
+            assert self._loop is not None
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the server is going away
+                self._loop.call_soon_threadsafe(self._fail_sessions)
 
     def _serve(self, loaded: LoadedModel) -> None:
         scheduler = Scheduler(self._scheduler_config)
@@ -333,9 +374,8 @@ class ModelEngine:
         while True:
             commands, consumed = self._inbox.take(timeout_s)
             if self._inbox.stopping:
-                for command in commands:
-                    if isinstance(command, _Call) and command.future.set_running_or_notify_cancel():
-                        command.future.set_exception(RuntimeError(f"engine {self.name} stopped"))
+                self._inbox.close(f"engine {self.name} stopped")
+                _fail_calls(commands, f"engine {self.name} stopped")
                 return
             for command in commands:
                 self._apply(scheduler, loaded.runner, command)
@@ -376,36 +416,46 @@ class ModelEngine:
         jobs: tuple[SegmentJob, ...],
         rng: np.random.Generator,
     ) -> None:
-        requests = [
-            loaded.make_request(job.phonemes, job.voice, job.speed, int(rng.integers(2**31)) if self._noise else None)
-            for job in jobs
-        ]
-        started = time.perf_counter()
-        outcomes: list[SegmentOutcome] = []
-        try:
+        seeds = {job: int(rng.integers(2**31)) if self._noise else None for job in jobs}
+
+        def run(part: Sequence[SegmentJob]) -> list[SegmentAudio]:
+            requests = [loaded.make_request(j.phonemes, j.voice, j.speed, seeds[j]) for j in part]
             results = loaded.runner.synthesize(requests)
-            if len(results) != len(jobs):
-                raise RuntimeError(f"runner returned {len(results)} results for {len(jobs)} requests")
-            audios = [_plain(job, result) for job, result in zip(jobs, results, strict=True)]
-        except Exception:
-            log.exception("model %s: a batch of %d segments failed", self.name, len(jobs))
-            failed = True
-            for job in jobs:
-                outcomes.append(SegmentFailed(job.session_id, job.seq, "synthesis failed"))
-                scheduler.complete(job, 0.0, time.monotonic())
-        else:
-            failed = False
-            for job, audio in zip(jobs, audios, strict=True):
-                outcomes.append(audio)
-                scheduler.complete(job, audio.duration_ms, time.monotonic())
+            if len(results) != len(part):
+                raise RuntimeError(f"runner returned {len(results)} results for {len(part)} requests")
+            return [_plain(job, result) for job, result in zip(part, results, strict=True)]
+
+        def on_error(size: int, exc: BaseException) -> None:
+            log.error("model %s: a batch of %d segments failed", self.name, size, exc_info=exc)
+
+        started = time.perf_counter()
+        # Out of memory: the batch is split in halves and retried before anything fails (pipeline/oom.py).
+        halving = run_in_halves(jobs, run, on_error=on_error)
+        outcomes: list[SegmentOutcome] = []
+        for part in halving.parts:
+            for i, job in enumerate(part.items):
+                if part.results is None:
+                    outcomes.append(SegmentFailed(job.session_id, job.seq, "synthesis failed"))
+                    scheduler.complete(job, 0.0, time.monotonic())
+                else:
+                    audio = part.results[i]
+                    outcomes.append(audio)
+                    scheduler.complete(job, audio.duration_ms, time.monotonic())
         compute_s = time.perf_counter() - started
         audio_s = sum(o.duration_ms for o in outcomes if isinstance(o, SegmentAudio)) / 1000.0
-        report = BatchReport(self.name, len(jobs), sum(j.tokens for j in jobs), compute_s, audio_s, failed)
+        tokens = sum(j.tokens for j in jobs)
+        report = BatchReport(self.name, len(jobs), tokens, compute_s, audio_s, halving.failed, halving.splits)
         assert self._loop is not None
         try:
             self._loop.call_soon_threadsafe(self._dispatch, outcomes, report)
         except RuntimeError:  # the loop is closed: the server is going away
             self._inbox.stop()
+
+
+def _fail_calls(commands: Sequence[_Command], reason: str) -> None:
+    for command in commands:
+        if isinstance(command, _Call) and command.future.set_running_or_notify_cancel():
+            command.future.set_exception(EngineStoppedError(reason))
 
 
 def _plain(job: SegmentJob, result: SynthesisResultLike) -> SegmentAudio:

@@ -58,6 +58,7 @@ class Gauges:
     queue_depth: dict[str, int]  # per model
     engine_sessions: dict[str, int]
     models_ready: dict[str, bool]
+    resident_memory_bytes: int | None = None
 
 
 class Metrics:
@@ -70,6 +71,7 @@ class Metrics:
         self.audio_seconds: defaultdict[str, float] = defaultdict(float)
         self.compute_seconds: defaultdict[str, float] = defaultdict(float)
         self.batch_failures: Counter[str] = Counter()
+        self.oom_splits: Counter[str] = Counter()
 
     # SessionObserver
     def on_session_admitted(self) -> None:
@@ -89,6 +91,10 @@ class Metrics:
         elif audio_s > 0:
             self.audio_seconds[model] += audio_s
             self.rtf.setdefault(model, Histogram(_RTF_BUCKETS)).observe(compute_s / audio_s)
+
+    def on_oom_splits(self, model: str, splits: int) -> None:
+        if splits:
+            self.oom_splits[model] += splits
 
     def render(self, gauges: Gauges) -> str:
         out: list[str] = []
@@ -138,4 +144,10 @@ class Metrics:
         header("rt_batch_failures_total", "counter", "Model steps that raised.")
         for model, n in sorted(self.batch_failures.items()):
             out.append(f'rt_batch_failures_total{{model="{model}"}} {n}')
+        header("rt_oom_splits_total", "counter", "Batches split in halves after running out of memory.")
+        for model, n in sorted(self.oom_splits.items()):
+            out.append(f'rt_oom_splits_total{{model="{model}"}} {n}')
+        if gauges.resident_memory_bytes is not None:
+            header("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.")
+            out.append(f"process_resident_memory_bytes {gauges.resident_memory_bytes}")
         return "\n".join(out) + "\n"

@@ -36,10 +36,10 @@ class CloseCode(enum.IntEnum):
     GOING_AWAY = 1001  # server shutting down
     UNSUPPORTED_DATA = 1003  # binary frame from a client
     INVALID_PAYLOAD = 1007  # malformed JSON, not an object, unknown `type`
-    POLICY_VIOLATION = 1008  # first message not `start`, invalid `start`, auth, stalled reader
+    POLICY_VIOLATION = 1008  # first message not `start`, invalid `start`, auth, origin, stalled, idle
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011  # sent with no reason text
-    TRY_AGAIN_LATER = 1013  # at capacity
+    TRY_AGAIN_LATER = 1013  # at capacity (the server's or this client's limit)
 
 
 class ErrorCode(enum.StrEnum):
@@ -62,8 +62,11 @@ class ErrorCode(enum.StrEnum):
     MESSAGE_TOO_LARGE = "message_too_large"
     SYNTHESIS_FAILED = "synthesis_failed"
     STALLED = "stalled"
+    IDLE_TIMEOUT = "idle_timeout"
     UNAUTHORIZED = "unauthorized"
+    FORBIDDEN_ORIGIN = "forbidden_origin"
     AT_CAPACITY = "at_capacity"
+    CLIENT_AT_CAPACITY = "client_at_capacity"
     SHUTTING_DOWN = "shutting_down"
     INTERNAL = "internal"
 
@@ -87,8 +90,11 @@ _CLOSE_CODE_FOR_ERROR: Final[dict[ErrorCode, CloseCode | None]] = {
     ErrorCode.MESSAGE_TOO_LARGE: CloseCode.MESSAGE_TOO_BIG,
     ErrorCode.SYNTHESIS_FAILED: None,
     ErrorCode.STALLED: CloseCode.POLICY_VIOLATION,
+    ErrorCode.IDLE_TIMEOUT: CloseCode.POLICY_VIOLATION,
     ErrorCode.UNAUTHORIZED: CloseCode.POLICY_VIOLATION,
+    ErrorCode.FORBIDDEN_ORIGIN: CloseCode.POLICY_VIOLATION,
     ErrorCode.AT_CAPACITY: CloseCode.TRY_AGAIN_LATER,
+    ErrorCode.CLIENT_AT_CAPACITY: CloseCode.TRY_AGAIN_LATER,
     ErrorCode.SHUTTING_DOWN: CloseCode.GOING_AWAY,
     ErrorCode.INTERNAL: CloseCode.INTERNAL_ERROR,
 }
@@ -305,6 +311,7 @@ class Limits:
     max_buffer_ms: int
     stall_timeout_s: float
     idle_cut_ms: int
+    idle_timeout_s: float = 0.0  # 0: no idle timeout
 
 
 @dataclass(frozen=True)
@@ -403,6 +410,7 @@ def encode_event(event: ServerEvent) -> str:
                 "max_buffer_ms": event.limits.max_buffer_ms,
                 "stall_timeout_s": event.limits.stall_timeout_s,
                 "idle_cut_ms": event.limits.idle_cut_ms,
+                "idle_timeout_s": event.limits.idle_timeout_s,
             },
         }
     elif isinstance(event, SegmentInfo):
@@ -457,6 +465,7 @@ def parse_server_event(raw: str) -> ServerEvent:
                 max_buffer_ms=int(lim["max_buffer_ms"]),
                 stall_timeout_s=float(lim["stall_timeout_s"]),
                 idle_cut_ms=int(lim["idle_cut_ms"]),
+                idle_timeout_s=float(lim.get("idle_timeout_s", 0.0)),
             ),
             protocol_version=int(obj["protocol_version"]),
         )

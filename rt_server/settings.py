@@ -8,8 +8,10 @@ happens here, at start-up, so a bad value fails loudly before any model loads.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Final, Literal
 
 ENV_PREFIX: Final = "RT_SERVER_"
@@ -17,6 +19,11 @@ ModelKind = Literal["kokoro", "tiny"]
 _PRECISIONS: Final = ("fp32", "bf16", "fp16")
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"0", "false", "no", "off"})
+# API keys: long enough not to be guessed, and free of the separators used to list them.
+MIN_API_KEY_CHARS: Final = 16
+_API_KEY: Final = re.compile(r"[!-~]+")  # printable ASCII, no spaces
+# An allowed origin is what browsers send: scheme://host[:port], no path, lower case (RFC 6454 section 6.2).
+_ORIGIN: Final = re.compile(r"https?://[a-z0-9.\-\[\]:]+")
 
 
 class SettingsError(ValueError):
@@ -79,12 +86,14 @@ class Settings:
     noise: bool = True  # off: no sine-source noise, output deterministic
     # Limits (all reported to clients in `ready`, see docs/protocol.md)
     max_sessions: int = 64
+    max_sessions_per_client: int = 16  # by peer IP address
     max_message_bytes: int = 65_536
     max_pending_phonemes: int = 4096
     max_buffer_ms: int = 2000  # unsent framed audio per session; also the scheduler's high-water mark
     buffer_low_water_ms: int = 1000  # the scheduler plans a paused session again below this
     stall_timeout_s: float = 10.0
     start_timeout_s: float = 10.0
+    idle_timeout_s: float = 300.0  # a started session with no message and nothing to send; 0: never
     idle_cut_ms: int = 500
     # Segmenting
     first_segment_min_phonemes: int = 24
@@ -99,6 +108,10 @@ class Settings:
     shutdown_grace_s: float = 10.0
     ws_ping_interval_s: float = 20.0
     debug_endpoints: bool = False  # GET /debug/state: per-session and per-engine internals (tests, soak runs)
+    # Access (docs/reliability.md, "Security model")
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # empty: no authentication
+    api_keys_file: str | None = None  # more keys, one per line (read at start-up by `from_sources`)
+    allowed_origins: tuple[str, ...] = ()  # empty: any Origin; else a browser's Origin must be one of these
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -112,6 +125,7 @@ class Settings:
             raise SettingsError("port must be within 0..65535")
         positive = (
             "max_sessions",
+            "max_sessions_per_client",
             "max_message_bytes",
             "max_pending_phonemes",
             "max_buffer_ms",
@@ -132,9 +146,20 @@ class Settings:
             raise SettingsError("max_padding_waste must be within 0..1 (exclusive)")
         if self.max_batch_tokens < 512:
             raise SettingsError("max_batch_tokens must hold one full segment (512 tokens)")
-        for name in ("batch_wait_ms", "urgent_within_ms", "shutdown_grace_s", "ws_ping_interval_s"):
+        for name in ("batch_wait_ms", "urgent_within_ms", "shutdown_grace_s", "ws_ping_interval_s", "idle_timeout_s"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must not be negative")
+        for key in self.api_keys:  # the key itself is never put in a message
+            if len(key) < MIN_API_KEY_CHARS or not _API_KEY.fullmatch(key) or "," in key:
+                raise SettingsError(
+                    f"api_keys: each key needs at least {MIN_API_KEY_CHARS} printable ASCII characters, "
+                    "without spaces or commas"
+                )
+        for origin in self.allowed_origins:
+            if not _ORIGIN.fullmatch(origin):
+                raise SettingsError(
+                    f"allowed_origins: {origin!r} is not an origin (lower-case scheme://host[:port], no path)"
+                )
 
     @property
     def default_model_name(self) -> str:
@@ -167,7 +192,21 @@ class Settings:
                 values[key] = _convert(key, value, _field_type(key))
             else:
                 values[key] = value
+        keys_file = values.get("api_keys_file")
+        if keys_file:
+            values["api_keys"] = (*values.get("api_keys", ()), *_read_keys(keys_file))
         return cls(**values)
+
+
+def _read_keys(path: str) -> tuple[str, ...]:
+    """Keys from a file, one per line; blank lines and lines starting with '#' are skipped."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise SettingsError(f"api_keys_file: cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise SettingsError(f"api_keys_file: {path} is not UTF-8 text") from None
+    return tuple(s for line in lines if (s := line.strip()) and not s.startswith("#"))
 
 
 def _model_from_legacy_env(env: Mapping[str, str]) -> ModelSpec:
@@ -206,6 +245,8 @@ def _convert(name: str, raw: str, type_name: str) -> Any:
         raise SettingsError(f"{name}: cannot read {raw!r} as {type_name}") from None
     if type_name == "str | None":
         return raw or None
+    if type_name == "tuple[str, ...]":  # comma-separated
+        return tuple(item.strip() for item in raw.split(",") if item.strip())
     return raw
 
 

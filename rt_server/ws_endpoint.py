@@ -1,7 +1,8 @@
 """`GET /v1/stream`: the only module that touches the WebSocket object.
 
 It adapts Starlette's WebSocket to the session's `Transport`, refuses connections the registry does not admit
-(`error` then close 1013 or 1001, before any work), and runs the session.
+(`error` then close 1013 or 1001, before any work), and runs the session. Keys and origins were checked before
+the upgrade (rt_server.guard).
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ async def stream_endpoint(websocket: WebSocket) -> None:
         config=context.session_config,
         observer=context.observer,
     )
-    refusal = context.registry.admit(session)
+    client = websocket.client.host if websocket.client is not None else ""
+    refusal = context.registry.admit(session, client)
     if refusal is not None:
         await _refuse(transport, refusal, context)
         return
@@ -95,6 +97,9 @@ async def stream_endpoint(websocket: WebSocket) -> None:
 async def _refuse(transport: StarletteTransport, code: ErrorCode, context: EndpointContext) -> None:
     message = {
         ErrorCode.AT_CAPACITY: f"the server is at capacity ({context.registry.max_sessions} sessions)",
+        ErrorCode.CLIENT_AT_CAPACITY: (
+            f"this client has {context.registry.max_sessions_per_client} sessions open, the limit per client"
+        ),
         ErrorCode.SHUTTING_DOWN: "the server is shutting down",
     }.get(code, code.value)
     context.observer.on_error(code)

@@ -54,4 +54,12 @@ class SegmentFailed:
     message: str
 
 
+@dataclass(frozen=True)
+class EngineFailed:
+    """The engine's thread died: none of this session's segments will come. The session fails (`internal`)."""
+
+    session_id: str
+
+
 SegmentOutcome = SegmentAudio | SegmentFailed
+Delivery = SegmentOutcome | EngineFailed  # what an engine hands a session

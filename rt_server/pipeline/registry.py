@@ -1,9 +1,10 @@
-"""The server's open sessions: admission (capacity, draining) and graceful shutdown."""
+"""The server's open sessions: admission (capacity overall and per client, draining) and graceful shutdown."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from typing import Final
 
 from rt_server.pipeline.session import Session
@@ -14,30 +15,47 @@ _FORCED_CLOSE_WAIT_S: Final = 3.0
 
 
 class SessionRegistry:
-    def __init__(self, max_sessions: int) -> None:
+    def __init__(self, max_sessions: int, max_sessions_per_client: int | None = None) -> None:
         self.max_sessions = max_sessions
-        self._sessions: dict[str, Session] = {}  # bound: max_sessions
+        self.max_sessions_per_client = max_sessions_per_client or max_sessions
+        self._sessions: dict[str, tuple[Session, str]] = {}  # bound: max_sessions; session and its client
+        self._per_client: Counter[str] = Counter()  # bound: one entry per client with an open session
         self._empty = asyncio.Event()
         self._empty.set()
         self.draining = False
 
-    def admit(self, session: Session) -> ErrorCode | None:
-        """Register a new session, or say why it is refused (before any work is done for it)."""
+    def admit(self, session: Session, client: str = "") -> ErrorCode | None:
+        """Register a new session of `client` (its peer address), or say why it is refused (before any work is
+        done for it).
+        """
         if self.draining:
             return ErrorCode.SHUTTING_DOWN
         if len(self._sessions) >= self.max_sessions:
             return ErrorCode.AT_CAPACITY
-        self._sessions[session.session_id] = session
+        if self._per_client[client] >= self.max_sessions_per_client:
+            return ErrorCode.CLIENT_AT_CAPACITY
+        self._sessions[session.session_id] = (session, client)
+        self._per_client[client] += 1
         self._empty.clear()
         return None
 
     def remove(self, session: Session) -> None:
-        self._sessions.pop(session.session_id, None)
+        entry = self._sessions.pop(session.session_id, None)
+        if entry is not None:
+            client = entry[1]
+            self._per_client[client] -= 1
+            if self._per_client[client] <= 0:
+                del self._per_client[client]
         if not self._sessions:
             self._empty.set()
 
+    @property
+    def clients(self) -> int:
+        """Clients (peer addresses) with an open session."""
+        return len(self._per_client)
+
     def sessions(self) -> list[Session]:
-        return list(self._sessions.values())
+        return [session for session, _ in self._sessions.values()]
 
     def __len__(self) -> int:
         return len(self._sessions)

@@ -21,7 +21,7 @@ from typing import Final
 
 from rt_server.pipeline.audio_out import AudioOutput
 from rt_server.pipeline.flow import Pacer
-from rt_server.pipeline.jobs import SegmentAudio, SegmentJob, SegmentOutcome
+from rt_server.pipeline.jobs import Delivery, EngineFailed, SegmentAudio, SegmentJob
 from rt_server.pipeline.outbox import AudioFrame, CloseFrame, Outbox, TextEvent
 from rt_server.pipeline.playout import Playout
 from rt_server.pipeline.ports import SessionObserver, SynthesisBackend, Transport
@@ -99,6 +99,7 @@ class Session:
         self._ttfa_since: float | None = None
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._end_reason = ""
+        self._engine_failed = False
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -188,6 +189,7 @@ class Session:
                 self._cancel_timer("start")  # it came in time, however long the voice check takes
                 await self._on_start(message)
             else:
+                self._arm_inactivity_timer()
                 self._on_message(message)
 
     def _reject(self, exc: ProtocolError) -> None:
@@ -230,6 +232,7 @@ class Session:
             max_buffer_ms=self._config.max_buffer_ms,
             stall_timeout_s=self._config.stall_timeout_s,
             idle_cut_ms=self._config.idle_cut_ms,
+            idle_timeout_s=self._config.idle_timeout_s,
         )
         self._control(
             Ready(
@@ -248,6 +251,7 @@ class Session:
         )
         if start.ignored_fields:
             self._control(WarningEvent("unknown_fields", f"ignored: {', '.join(start.ignored_fields)}"))
+        self._arm_inactivity_timer()
 
     def _on_message(self, message: ClientMessage) -> None:
         if isinstance(message, Phonemes):
@@ -347,6 +351,22 @@ class Session:
         if self.state is State.STREAMING:
             self._cut(force=True)
 
+    def _arm_inactivity_timer(self) -> None:
+        """(Re)start the idle timeout: `idle_timeout_s` without a client message and with nothing to send."""
+        self._cancel_timer("inactive")
+        if self._config.idle_timeout_s > 0 and self.state is State.STREAMING:
+            delay_s = self._config.idle_timeout_s
+            self._timers["inactive"] = asyncio.get_running_loop().call_later(delay_s, self._on_inactive)
+
+    def _on_inactive(self) -> None:
+        self._timers.pop("inactive", None)
+        if self.state is not State.STREAMING:
+            return
+        if self._playout_len() or len(self._outbox):
+            self._arm_inactivity_timer()  # still working for the client: not idle
+            return
+        self.fail(ErrorCode.IDLE_TIMEOUT, f"no message for {self._config.idle_timeout_s:g} s")
+
     def _on_start_timeout(self) -> None:
         self._timers.pop("start", None)
         if self.state is State.AWAITING_START:
@@ -380,7 +400,13 @@ class Session:
 
     # -- engine outcomes and the output pump --------------------------------------------------------------
 
-    def _on_outcome(self, outcome: SegmentOutcome) -> None:
+    def _on_outcome(self, outcome: Delivery) -> None:
+        if isinstance(outcome, EngineFailed):
+            if self.state is not State.ENDED and not self._engine_failed:
+                self._engine_failed = True
+                self._log.error("session %s: its model's engine stopped", self.session_id)
+                self.fail(ErrorCode.INTERNAL, "internal server error")
+            return
         if isinstance(outcome, SegmentAudio):
             self._received_ms += outcome.duration_ms
         if self.state is State.ENDED:

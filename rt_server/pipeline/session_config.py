@@ -12,6 +12,7 @@ class SessionConfig:
     max_buffer_ms: int = 2000  # framed audio waiting for the socket
     stall_timeout_s: float = 10.0  # a send blocked this long means the client stopped reading
     start_timeout_s: float = 10.0
+    idle_timeout_s: float = 0.0  # a started session with no message and nothing to send is closed; 0: never
     idle_cut_ms: int = 500  # text after the last cut is synthesised after this long without input
     first_segment_min_phonemes: int = 24
     clause_min_phonemes: int = 100
