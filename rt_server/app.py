@@ -89,6 +89,7 @@ def session_config(settings: Settings) -> SessionConfig:
         idle_timeout_s=settings.idle_timeout_s,
         idle_cut_ms=settings.idle_cut_ms,
         first_segment_min_phonemes=settings.first_segment_min_phonemes,
+        short_first_segment=settings.short_first_segment,
         clause_min_phonemes=settings.clause_min_phonemes,
     )
 

@@ -97,6 +97,7 @@ class Settings:
     idle_cut_ms: int = 500
     # Segmenting
     first_segment_min_phonemes: int = 24
+    short_first_segment: bool = True  # off: a turn's first segment is cut like the rest (whole sentences)
     clause_min_phonemes: int = 100
     # Scheduling
     max_batch_size: int = 8

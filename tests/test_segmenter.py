@@ -52,6 +52,18 @@ def test_first_segment_cuts_at_a_clause() -> None:
     assert _texts(seg.cut()) == ["ab,"]
 
 
+def test_without_a_short_first_segment_the_first_follows_the_later_rules() -> None:
+    seg = Segmenter(max_phonemes=MAX, first_segment_min_phonemes=2, clause_min_phonemes=10, short_first_segment=False)
+    seg.append("ab, cd ef gh ij, kl. mn ")
+    out = seg.cut()
+    # no cut after the first word or the first clause: the sentence, as a whole-sentence server would cut it
+    assert _texts(out) == ["ab, cd ef gh ij,", "kl."]
+    assert [s.first_in_turn for s in out] == [True, False]
+    seg.end_turn()
+    seg.append("op qr st uv wx yz ")
+    assert seg.cut() == []  # a new turn's first segment still waits for punctuation
+
+
 def test_clause_cut_needs_length_after_the_first_segment() -> None:
     seg = _segmenter(first=2, clause=10)
     seg.append("xx yy aa, bb, cc dd ee ff, gg ")

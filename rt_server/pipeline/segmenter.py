@@ -2,8 +2,9 @@
 
 Rules (protocol v1): cut at sentence punctuation; at clause punctuation once the segment is long enough; never
 inside a word (a word is a run of non-whitespace); never over the model's phoneme limit; the first segment of
-a turn short, so audio starts early. Text after the last cut waits for more input or a forced cut (`flush`,
-the idle timeout, `close`). Segments are exact slices of the input: joined with the text still pending they
+a turn short, so audio starts early (with `short_first_segment` off it follows the same rules as the rest, the
+way servers that synthesise whole sentences work). Text after the last cut waits for more input or a forced cut
+(`flush`, the idle timeout, `close`). Segments are exact slices of the input: joined with the text still pending they
 give back everything appended.
 """
 
@@ -58,12 +59,20 @@ class Segmenter:
     over `max_pending_phonemes`).
     """
 
-    def __init__(self, *, max_phonemes: int, first_segment_min_phonemes: int, clause_min_phonemes: int) -> None:
+    def __init__(
+        self,
+        *,
+        max_phonemes: int,
+        first_segment_min_phonemes: int,
+        clause_min_phonemes: int,
+        short_first_segment: bool = True,
+    ) -> None:
         if not 0 < first_segment_min_phonemes <= max_phonemes or not 0 < clause_min_phonemes <= max_phonemes:
             raise ValueError("segment length thresholds must be within 1..max_phonemes")
         self.max_phonemes = max_phonemes
         self.first_segment_min_phonemes = first_segment_min_phonemes
         self.clause_min_phonemes = clause_min_phonemes
+        self.short_first_segment = short_first_segment
         self._buffer = ""
         self._turn_open = False  # a segment of the current turn has been cut already
 
@@ -123,7 +132,7 @@ class Segmenter:
             kind = _boundary_after(match.group())
             if kind is _Boundary.SENTENCE:
                 return end
-            if not self._turn_open:
+            if not self._turn_open and self.short_first_segment:
                 if kind is _Boundary.CLAUSE or length >= self.first_segment_min_phonemes:
                     return end
             elif kind is _Boundary.CLAUSE and length >= self.clause_min_phonemes:

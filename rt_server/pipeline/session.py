@@ -217,6 +217,7 @@ class Session:
             max_phonemes=backend.max_phonemes,
             first_segment_min_phonemes=min(self._config.first_segment_min_phonemes, backend.max_phonemes),
             clause_min_phonemes=min(self._config.clause_min_phonemes, backend.max_phonemes),
+            short_first_segment=self._config.short_first_segment,
         )
         audio = AudioOutput(encoding=start.encoding, sample_rate_hz=start.sample_rate_hz, frame_ms=start.frame_ms)
         self._playout = Playout(
