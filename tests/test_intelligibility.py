@@ -207,3 +207,48 @@ def test_english_sentences_are_intelligible(
     report = "\n".join(f"  {text!r} -> {hyp!r}" for text, hyp in pairs)
     print(f"\n{voice}: WER {100 * wer:.1f} % over {len(pairs)} sentences\n{report}")
     assert wer <= MAX_WER, f"{voice}: WER {100 * wer:.1f} % > {100 * MAX_WER:.0f} %\n{report}"
+
+
+# ------------------------------------------------------------------------------- reduced precision
+
+
+@pytest.fixture(scope="module")
+def imported_bf16(imported: Imported) -> Any:
+    from rt_server.model.kmodel import KModel
+    from rt_server.weights import import_weights
+
+    paths = import_weights(_home(), install=False).paths
+    return KModel(paths.config, model=paths.checkpoint, precision="bf16")
+
+
+@pytest.mark.real_weights
+@pytest.mark.parametrize("voice", ["jf_alpha", "af_heart"])
+def test_bf16_is_as_intelligible_and_close_to_fp32(
+    imported: Imported, imported_bf16: Any, transcribe: Callable[[np.ndarray[Any, Any]], str], voice: str
+) -> None:
+    """bf16 (the fast CPU path) keeps the word error rate within the tier's bound, and its spectra close to fp32:
+    log-mel correlation per sentence and the mean absolute log-mel difference are printed and bounded."""
+    import torch
+    from audio_metrics import log_mel, spectral_correlation
+
+    from rt_server.model.voices import load_voice_file, style_row
+
+    path = _voice_path(imported, voice)
+    pack = load_voice_file(path)[path.stem]
+    pairs, report = [], []
+    for text, phonemes in SENTENCES:
+        ref_s = torch.from_numpy(style_row(pack, phonemes))[None]
+        ids = torch.tensor([imported.model.tokenize(phonemes)])
+        fp32, dur32 = imported.model.forward_with_tokens(ids, ref_s, 1.0, noise=False)
+        bf16, dur16 = imported_bf16.forward_with_tokens(ids, ref_s, 1.0, noise=False)
+        pairs.append((text, transcribe(bf16.numpy())))
+        frames = min(len(fp32), len(bf16))
+        mel32, mel16 = log_mel(fp32.numpy()[:frames]), log_mel(bf16.numpy()[:frames])
+        correlation = spectral_correlation(fp32.numpy()[:frames], bf16.numpy()[:frames])
+        distance = float(np.abs(mel32 - mel16).mean())
+        report.append((text, int(dur32.sum()), int(dur16.sum()), correlation, distance))
+        assert correlation >= 0.95, f"{text!r}: log-mel correlation {correlation:.3f} between bf16 and fp32"
+    wer = corpus_wer(pairs)
+    lines = "\n".join(f"  {t[:28]:<28} frames {a}/{b} corr {c:.4f} |dlogmel| {d:.3f}" for t, a, b, c, d in report)
+    print(f"\n{voice} bf16: WER {100 * wer:.1f} %\n{lines}")
+    assert wer <= MAX_WER, f"{voice} bf16: WER {100 * wer:.1f} % > {100 * MAX_WER:.0f} %"

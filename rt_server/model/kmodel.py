@@ -99,13 +99,19 @@ class KModel(nn.Module):
 
     def set_precision(self, precision: str) -> None:
         """`fp32` computes every layer in the reference's operation order (it matches the reference to float
-        rounding). `bf16`/`fp16` run convolutions and matmuls under autocast and fuse the AdaIN and Snake
-        element-wise work; the LSTMs, the sine source and both STFTs stay in float32."""
+        rounding). `bf16`/`fp16` run the decoder's convolutions and matmuls in that precision (weights folded
+        into it once) and fuse its AdaIN and Snake element-wise work; durations, F0 and energy, the sine source
+        and both STFTs stay in float32."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         self.precision = precision
         reduced = PRECISIONS[precision] if precision != "fp32" else None
         for sub in self.modules():
+            if isinstance(sub, AdaIN1d):
+                sub.fused = False
+            if isinstance(sub, WeightNormMixin):
+                sub.fold_weight_norm(None)
+        for sub in self.decoder.modules():
             if isinstance(sub, AdaIN1d):
                 sub.fused = reduced is not None
             if isinstance(sub, WeightNormMixin):
@@ -173,10 +179,7 @@ class KModel(nn.Module):
     def fold_weight_norm(self) -> None:
         """Cache every weight-normed layer's `g * v / ||v||` (recomputed by `load_weights`), in the working
         precision's dtype."""
-        reduced = PRECISIONS[self.precision] if self.precision != "fp32" else None
-        for sub in self.modules():
-            if isinstance(sub, WeightNormMixin):
-                sub.fold_weight_norm(reduced)
+        self.set_precision(self.precision)
 
     # ---- tokens ----------------------------------------------------------------------------------------
 
@@ -265,36 +268,37 @@ class KModel(nn.Module):
         style_dim = self.config.style_dim
         s_acoustic, s_prosody = ref_s[:, :style_dim], ref_s[:, style_dim:]
 
+        bert_dur = self.bert(ids, lengths)
+        d_en = self.bert_encoder(bert_dur).transpose(-1, -2)
+        d = self.predictor.text_encoder(d_en, s_prosody, lengths, tmask)
+        duration = self.predictor.durations(d, speed, lengths).float()
+        pred_dur = torch.round(duration).clamp(min=1).long()
+        if tmask is not None:
+            pred_dur = pred_dur * tmask[:, 0].long()
+        frames = pred_dur.sum(dim=1)
+        geo = FrameGeometry(
+            frames=frames,
+            n_fft=self.config.istftnet.gen_istft_n_fft,
+            hop=self.config.istftnet.gen_istft_hop_size,
+            upsample_rates=self.config.istftnet.upsample_rates,
+            padded=len(set(frames.tolist())) > 1,
+        )
+        F_max = int(frames.max())
+        ends = torch.cumsum(pred_dur, dim=1)
+        frame_idx = torch.arange(F_max, device=device)[None, :].expand(B, -1).contiguous()
+        frame_tokens = torch.searchsorted(ends, frame_idx, right=True).clamp(max=T - 1)
+        fmask = geo.mask(1, F_max)
+        en = apply_mask(expand_to_frames(d.transpose(1, 2), frame_tokens), fmask)
+        f0, n = self.predictor.f0_energy(en, s_prosody, frames if geo.padded else None, fmask, geo.mask(2, 2 * F_max))
+        t_en = self.text_encoder(ids, lengths, tmask)
+        asr = apply_mask(expand_to_frames(t_en, frame_tokens), fmask)
+        noise = [self._draw_noise(it, int(f)) for it, f in zip(items, frames.tolist(), strict=True)]
+        # Reduced precision covers the decoder only, where nearly all the compute is (frame and sample rate).
+        # Durations and the F0 and energy curves stay float32: the timing is then exactly the fp32 model's, and
+        # the sine source follows an F0 with float32 resolution (bf16 would quantise 200 Hz to about 1 Hz).
         dtype = PRECISIONS[self.precision]
         reduced = torch.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
         with reduced:
-            bert_dur = self.bert(ids, lengths)
-            d_en = self.bert_encoder(bert_dur).transpose(-1, -2)
-            d = self.predictor.text_encoder(d_en, s_prosody, lengths, tmask)
-            duration = self.predictor.durations(d, speed, lengths).float()
-            pred_dur = torch.round(duration).clamp(min=1).long()
-            if tmask is not None:
-                pred_dur = pred_dur * tmask[:, 0].long()
-            frames = pred_dur.sum(dim=1)
-            geo = FrameGeometry(
-                frames=frames,
-                n_fft=self.config.istftnet.gen_istft_n_fft,
-                hop=self.config.istftnet.gen_istft_hop_size,
-                upsample_rates=self.config.istftnet.upsample_rates,
-                padded=len(set(frames.tolist())) > 1,
-            )
-            F_max = int(frames.max())
-            ends = torch.cumsum(pred_dur, dim=1)
-            frame_idx = torch.arange(F_max, device=device)[None, :].expand(B, -1).contiguous()
-            frame_tokens = torch.searchsorted(ends, frame_idx, right=True).clamp(max=T - 1)
-            fmask = geo.mask(1, F_max)
-            en = apply_mask(expand_to_frames(d.transpose(1, 2), frame_tokens), fmask)
-            f0, n = self.predictor.f0_energy(
-                en, s_prosody, frames if geo.padded else None, fmask, geo.mask(2, 2 * F_max)
-            )
-            t_en = self.text_encoder(ids, lengths, tmask)
-            asr = apply_mask(expand_to_frames(t_en, frame_tokens), fmask)
-            noise = [self._draw_noise(it, int(f)) for it, f in zip(items, frames.tolist(), strict=True)]
             audio = self.decoder(asr, f0.float(), n.float(), s_acoustic, geo, noise)
         audio = audio.float().cpu()
         pred_dur = pred_dur.cpu()
