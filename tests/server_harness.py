@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -33,6 +33,7 @@ class RunningServer:
     server: RtServer
     thread: threading.Thread
     port: int
+    headers: dict[str, str] = field(default_factory=dict)  # sent with every `get` (an API key, for example)
 
     @property
     def url(self) -> str:
@@ -42,9 +43,10 @@ class RunningServer:
     def http(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def get(self, path: str) -> tuple[int, str]:
+    def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+        request = urllib.request.Request(self.http + path, headers=self.headers if headers is None else headers)
         try:
-            with urllib.request.urlopen(self.http + path, timeout=10) as response:
+            with urllib.request.urlopen(request, timeout=10) as response:
                 return response.status, response.read().decode()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode()

@@ -13,6 +13,7 @@ PURE = [
     "rt_server.protocol",
     "rt_server.settings",
     "rt_server.metrics",
+    "rt_server.access",
     *(f"rt_server.pipeline.{m.name}" for m in pkgutil.iter_modules(rt_server.pipeline.__path__)),
 ]
 # Not pure, but they must not pull in the model: the engine thread and the client stay torch-free.
