@@ -25,7 +25,7 @@ class OutOfMemoryError(RuntimeError):
     """Named like torch.cuda.OutOfMemoryError, which the engine recognises by name."""
 
 
-class EngineKilled(BaseException):  # noqa: N818 - named for what it does to the engine
+class EngineKilled(BaseException):
     """Not an Exception: nothing in the engine's batch handling catches it, so the thread dies."""
 
 
