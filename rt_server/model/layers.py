@@ -144,15 +144,18 @@ class InstanceNormAffine(nn.Module):
 
 
 def instance_stats(x: Tensor, mask: Tensor | None, eps: float = INSTANCE_NORM_EPS) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and 1/std over time (biased variance), in float32, over each item's own positions."""
-    x = x.float()
+    """Per-channel mean and 1/std over time (biased variance) over each item's own positions, as float32.
+
+    Unmasked, the reduction reads `x` in its own dtype (it accumulates in float32 internally), which saves a
+    float32 copy of every activation under reduced precision."""
     if mask is None:
         var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)
-    else:
-        count = mask.sum(dim=-1, keepdim=True).clamp_min(1.0)
-        mean = (x * mask).sum(dim=-1, keepdim=True) / count
-        centred = (x - mean) * mask
-        var = (centred * centred).sum(dim=-1, keepdim=True) / count
+        return mean.float(), torch.rsqrt(var.float() + eps)
+    x = x.float()
+    count = mask.sum(dim=-1, keepdim=True).clamp_min(1.0)
+    mean = (x * mask).sum(dim=-1, keepdim=True) / count
+    centred = (x - mean) * mask
+    var = (centred * centred).sum(dim=-1, keepdim=True) / count
     return mean, torch.rsqrt(var + eps)
 
 
