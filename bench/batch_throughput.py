@@ -18,27 +18,12 @@ import random
 import time
 
 import torch
+from common import load_model
 
 from rt_server.model.config import SAMPLE_RATE_HZ
 from rt_server.model.kmodel import BatchItem, BatchOutput, KModel
-from rt_server.model.runner import make_speechlike
 
 ALPHABET = "ðəkwˈɪbɹWnfɑsʤʌmpOvlAzidɔɡhɛtɚæŋuθ"
-
-
-def load(device: str, precision: str) -> KModel:
-    try:
-        from rt_server.weights import WeightPaths, default_home
-
-        paths = WeightPaths.in_home(default_home())
-        if paths.checkpoint.is_file():
-            return KModel(paths.config, paths.checkpoint, device=device, precision=precision)
-    except ImportError:
-        pass
-    torch.manual_seed(0)
-    model = KModel(device=device, precision=precision)
-    make_speechlike(model)
-    return model
 
 
 def segment(rng: random.Random) -> str:
@@ -68,7 +53,7 @@ def main() -> None:
     parser.add_argument("--mix", choices=["bucketed", "random"], default="bucketed")
     parser.add_argument("--plot", default=None, help="write a PNG plot here (needs matplotlib)")
     args = parser.parse_args()
-    model = load(args.device, args.precision)
+    model = load_model(None, args.device, args.precision)
     style = torch.randn(256, generator=torch.Generator().manual_seed(0)) * 0.15
     model.forward_batch([model.item("hə", style, noise=False)])  # warm-up
     rng = random.Random(0)

@@ -13,10 +13,9 @@ import statistics
 import time
 
 import torch
+from common import load_model
 
 from rt_server.model.config import SAMPLE_RATE_HZ
-from rt_server.model.kmodel import KModel
-from rt_server.model.runner import make_speechlike
 
 # Phonemes of English sentences (misaki's espeak backend), 12, 52 and 214 code points.
 INPUTS = {
@@ -28,23 +27,6 @@ INPUTS = {
         "ænd ðeɪ ɑːɹ ɹˈaɪt."
     ),
 }
-
-
-def load(weights: str | None, device: str, precision: str) -> KModel:
-    if weights is not None:
-        return KModel(None, weights, device=device, precision=precision)
-    try:
-        from rt_server.weights import WeightPaths, default_home
-
-        paths = WeightPaths.in_home(default_home())
-        if paths.checkpoint.is_file():
-            return KModel(paths.config, paths.checkpoint, device=device, precision=precision)
-    except ImportError:
-        pass
-    torch.manual_seed(0)
-    model = KModel(device=device, precision=precision)
-    make_speechlike(model)
-    return model
 
 
 def main() -> None:
@@ -61,7 +43,7 @@ def main() -> None:
     rows = []
     baseline: dict[str, float] = {}
     for precision in args.precision:
-        model = load(args.weights, args.device, precision)
+        model = load_model(args.weights, args.device, precision)
         model("hə", style, noise=False)  # warm-up: lazy initialisation of kernels
         for name, phonemes in INPUTS.items():
             times, seconds = [], 0.0

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import pickle
 from pathlib import Path
 
 import pytest
 import torch
+from crafted import write_code_pickle
 
 from rt_server.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from rt_server.model.config import ConfigError, load_config, tiny_config_dict
@@ -101,21 +100,10 @@ def test_instance_norm_affines_are_identity_after_load(source: KModel) -> None:
     assert torch.equal(norm.bias, torch.zeros_like(norm.bias))
 
 
-class _Exploit:
-    """Pickles to a call of os.system: what a malicious checkpoint does."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[object, tuple[str]]:
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_pickle_with_code_is_refused(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
-    with path.open("wb") as f:
-        pickle.dump({"bert": _Exploit(marker)}, f)
+    write_code_pickle(path, marker, wrap=True)
     with pytest.raises(CheckpointError, match="refusing to load"):
         load_checkpoint(path)
     assert not marker.exists()

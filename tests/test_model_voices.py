@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from crafted import write_code_pickle
 
 from rt_server.model.runner import random_voice_pack
 from rt_server.model.voices import VoiceError, VoiceLibrary, load_voice_file, parse_blend, style_row
@@ -106,23 +107,10 @@ def test_real_english_packs_load(shared_voices_dir: Path) -> None:
     assert float(heart.mean()) == pytest.approx(-0.004483, abs=1e-5)
 
 
-class _Exploit:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[object, tuple[str]]:
-        import os
-
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_voice_pickle_with_code_is_refused(tmp_path: Path) -> None:
-    import pickle
-
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
-    with path.open("wb") as f:
-        pickle.dump(_Exploit(marker), f)
+    write_code_pickle(path, marker)
     with pytest.raises(VoiceError, match="cannot load voice file"):
         load_voice_file(path)
     assert not marker.exists()

@@ -213,9 +213,7 @@ class KModel(nn.Module):
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Synthesise one utterance: 24 kHz float32 audio on the CPU, 600 samples per duration frame."""
-        ids = torch.tensor([self.tokenize(phonemes)], dtype=torch.long)
-        audio, _ = self.forward_with_tokens(ids, ref_s, speed, noise=noise, generator=generator)
-        return audio
+        return self.forward_batch([self.item(phonemes, ref_s, speed, noise=noise, generator=generator)])[0].audio
 
     def forward_with_tokens(
         self,
