@@ -274,7 +274,11 @@ class ModelEngine:
         return [c for c in dict.fromkeys(text) if c not in vocabulary]
 
     async def check_voice(self, spec: str) -> str | None:
-        """None if `spec` names a voice or a valid blend, else the runner's message."""
+        """None if `spec` names a voice or a valid blend, else the runner's message. A plain voice name is
+        answered from the snapshot at once; a blend is checked on the engine thread, between steps.
+        """
+        if spec in self.info.voices:
+            return None
 
         def check(runner: ModelRunnerLike) -> str | None:
             try:
