@@ -145,9 +145,21 @@ def _model_args(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def _room_for(num_sessions: int) -> list[str]:
+    """Session limits that admit `num_sessions` from this one client address (only where the defaults do not)."""
+    from rt_server.settings import Settings
+
+    defaults = Settings()
+    out: list[str] = []
+    for name in ("max_sessions", "max_sessions_per_client"):
+        if hasattr(defaults, name) and getattr(defaults, name) < num_sessions:
+            out += ["--" + name.replace("_", "-"), str(num_sessions)]
+    return out
+
+
 def spawn_plan(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     """(name, serve arguments) of every server to start: ours, the baseline, the variants."""
-    common = _model_args(args) + _settings_args(args.settings)
+    common = _model_args(args) + _room_for(max(args.sessions)) + _settings_args(args.settings)
     plan = [(OURS, _bool_flags(common))]
     if not args.no_baseline:
         baseline = [f"{k}={v}" for k, v in BASELINE_SETTINGS.items()]

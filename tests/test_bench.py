@@ -26,6 +26,10 @@ def test_spawn_plan_gives_the_baseline_its_settings() -> None:
     assert plan["baseline"][-3:] == ["--max-batch-size", "1", "--no-short-first-segment"]
     assert BASELINE_SETTINGS == {"max_batch_size": "1", "short_first_segment": "off"}
     assert plan["idle"][-2:] == ["--idle-cut-ms", "100"]
+    # a level above the per-client session limit raises it (every simulated client shares one address)
+    many = build_parser().parse_args(["bench", "--spawn", "--sessions", "1", "100"])
+    ours = dict(spawn_plan(many))["ours"]
+    assert ours[ours.index("--max-sessions") + 1] == "100"
 
 
 def test_bench_against_spawned_tiny_servers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -66,6 +70,8 @@ def test_bench_against_spawned_tiny_servers(tmp_path: Path, capsys: pytest.Captu
         assert level["ttfa_ms"]["count"] == 2  # every turn had audio and a trigger
         assert 0 < level["ttfa_ms"]["p50"] <= level["ttfa_ms"]["p95"] <= level["ttfa_ms"]["p99"]
         assert level["text_to_audio_ms"]["p50"] >= level["ttfa_ms"]["min"]
+        # speech plays after the first frame arrives (not asserted: the tiny model's audio may be quiet)
+        assert level["speech_heard_ms"]["count"] <= level["ttfa_ms"]["count"]
         assert level["audio_s"] > 0 and level["aggregate_rtf"] > 0
         assert level["underruns"] >= 0 and level["underrun_s"] >= 0
         assert level["batch_mean"] >= 1

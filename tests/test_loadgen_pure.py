@@ -75,10 +75,10 @@ def test_frames_ahead_of_playback_never_underrun() -> None:
 
 def test_a_late_frame_is_one_underrun_lasting_until_it_arrives() -> None:
     clock = PlayoutClock()
-    clock.on_frame(0.0, 0.5)  # plays until 0.5
-    clock.on_frame(0.1, 0.5)  # queued: plays until 1.0
-    clock.on_frame(1.3, 0.2)  # 0.3 s of silence before it
-    clock.on_frame(1.4, 0.2)  # queued behind it (plays 1.5 .. 1.7)
+    assert clock.on_frame(0.0, 0.5) == 0.0  # plays until 0.5
+    assert clock.on_frame(0.1, 0.5) == 0.5  # queued: plays until 1.0
+    assert clock.on_frame(1.3, 0.2) == 1.3  # 0.3 s of silence before it
+    assert clock.on_frame(1.4, 0.2) == pytest.approx(1.5)  # queued behind it (plays 1.5 .. 1.7)
     assert clock.underruns == 1
     assert clock.underrun_s == pytest.approx(0.3)
     assert clock.playout_end == pytest.approx(1.7)
@@ -196,7 +196,8 @@ def test_batch_sizes_between_two_scrapes_of_the_real_renderer() -> None:
 
 
 def _turn(ttfa_s: float | None, underruns: int = 0, audio_s: float = 3.0) -> TurnResult:
-    return TurnResult(ttfa_s, "text", ttfa_s, 8, audio_s, underruns, 0.1 * underruns)
+    speech_s = None if ttfa_s is None else ttfa_s + 0.4
+    return TurnResult(ttfa_s, "text", ttfa_s, speech_s, 8, audio_s, underruns, 0.1 * underruns)
 
 
 def _run(target: str, n: int, ttfa_s: float, underruns: int = 0, errors: tuple[str, ...] = ()) -> RunResult:
@@ -239,6 +240,7 @@ def test_levels_pool_runs_and_compare_with_the_baseline() -> None:
     assert ours1.turns == 4
     assert ours1.ttfa_ms.count == 4
     assert ours1.ttfa_ms.p50 == pytest.approx(150.0)
+    assert ours1.speech_heard_ms.p50 == pytest.approx(550.0)
     assert ours1.aggregate_rtf == pytest.approx(12.0 / 20.0)
     assert ours1.server_cpu_cores == pytest.approx(0.5)
     assert ours1.server_rss_max_mib == pytest.approx(300.0)

@@ -13,6 +13,9 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Final
+
+import numpy as np
 
 from rt_server.client import StreamClient
 from rt_server.loadgen.playback import PlayoutClock
@@ -20,7 +23,9 @@ from rt_server.loadgen.script import TurnScript
 from rt_server.loadgen.trigger import Sent, SentMessage, find_trigger
 from rt_server.protocol import ErrorEvent, Flushed, SegmentInfo
 
-_BYTES_PER_SAMPLE = 2  # the bench asks for pcm_s16le
+_BYTES_PER_SAMPLE: Final = 2  # the bench asks for pcm_s16le
+# Speech starts at the first sample above -40 dBFS: Kokoro's boundary silences stay far below it.
+SPEECH_THRESHOLD: Final = round(32767 * 10 ** (-40 / 20))
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,7 @@ class TurnResult:
     ttfa_s: float | None  # trigger -> first frame (None: no audio, or the segment did not match the input)
     trigger: str | None  # the trigger's kind (rt_server.loadgen.trigger.TriggerKind)
     text_to_audio_s: float | None  # the turn's first message -> first frame
+    speech_heard_s: float | None  # trigger -> when the first sample of speech plays (the first frame may be silence)
     first_segment_phonemes: int
     audio_s: float
     underruns: int
@@ -63,6 +69,7 @@ class _Turn:
     messages: list[SentMessage] = field(default_factory=list)
     first_segment: str | None = None
     first_frame_at: float | None = None
+    speech_heard_at: float | None = None
     audio_s: float = 0.0
 
 
@@ -108,7 +115,12 @@ class _Listener:
                     turn.first_frame_at = now
                 duration_s = len(item) / self.bytes_per_s
                 turn.audio_s += duration_s
-                self.clock.on_frame(now, duration_s)
+                plays_at = self.clock.on_frame(now, duration_s)
+                if turn.speech_heard_at is None:
+                    loud = np.flatnonzero(np.abs(np.frombuffer(item, "<i2").astype(np.int32)) > SPEECH_THRESHOLD)
+                    if len(loud):
+                        rate = self.bytes_per_s / _BYTES_PER_SAMPLE
+                        turn.speech_heard_at = plays_at + float(loud[0]) / rate
             elif isinstance(item, SegmentInfo):
                 if turn.first_segment is None:
                     turn.first_segment = item.phonemes
@@ -118,7 +130,8 @@ class _Listener:
                 self.errors.append(item.code.value)
 
     def _result(self, turn: _Turn, underruns: int, underrun_s: float) -> TurnResult:
-        ttfa_s = trigger_kind = text_to_audio_s = None
+        ttfa_s = speech_s = text_to_audio_s = None
+        trigger_kind = None
         if turn.first_frame_at is not None and turn.messages:
             text_to_audio_s = turn.first_frame_at - turn.messages[0].sent_at
             if turn.first_segment is not None:
@@ -126,10 +139,13 @@ class _Listener:
                 if trigger is not None:
                     ttfa_s = turn.first_frame_at - trigger.sent_at
                     trigger_kind = trigger.kind.value
+                    if turn.speech_heard_at is not None:
+                        speech_s = turn.speech_heard_at - trigger.sent_at
         return TurnResult(
             ttfa_s=ttfa_s,
             trigger=trigger_kind,
             text_to_audio_s=text_to_audio_s,
+            speech_heard_s=speech_s,
             first_segment_phonemes=len(turn.first_segment or ""),
             audio_s=turn.audio_s,
             underruns=underruns,

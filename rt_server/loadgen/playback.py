@@ -22,8 +22,9 @@ class PlayoutClock:
     first_frame_at: float | None = None  # the current turn's first frame
     _playout_end: float | None = None  # when the current turn's audio received so far has played out
 
-    def on_frame(self, now: float, duration_s: float) -> None:
-        """A frame of `duration_s` arrived at `now` (frames arrive in order; `now` never goes back)."""
+    def on_frame(self, now: float, duration_s: float) -> float:
+        """A frame of `duration_s` arrived at `now` (frames arrive in order; `now` never goes back). Returns
+        when it starts to play."""
         if duration_s < 0:
             raise ValueError("a frame cannot be shorter than nothing")
         if self._playout_end is None:
@@ -39,6 +40,7 @@ class PlayoutClock:
             start = self._playout_end
         self._playout_end = start + duration_s
         self.audio_s += duration_s
+        return start
 
     def buffered_s(self, now: float) -> float:
         """Audio received and not yet played at `now`."""

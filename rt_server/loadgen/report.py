@@ -28,6 +28,7 @@ class LevelSummary:
     turns: int  # turns played, over all sessions and runs
     ttfa_ms: Summary  # trigger -> first frame (rt_server.loadgen.trigger), one sample per turn
     text_to_audio_ms: Summary  # a turn's first message -> first frame
+    speech_heard_ms: Summary  # trigger -> the first sample of speech plays
     first_segment_phonemes: float | None  # mean length of the turns' first segments
     underruns: int
     underrun_s: float
@@ -73,6 +74,7 @@ def summarize_level(runs: Sequence[RunResult]) -> LevelSummary:
         turns=expected_turns,
         ttfa_ms=summarize([t.ttfa_s * 1000 for t in turns if t.ttfa_s is not None]),
         text_to_audio_ms=summarize([t.text_to_audio_s * 1000 for t in turns if t.text_to_audio_s is not None]),
+        speech_heard_ms=summarize([t.speech_heard_s * 1000 for t in turns if t.speech_heard_s is not None]),
         first_segment_phonemes=sum(first_lengths) / len(first_lengths) if first_lengths else None,
         underruns=sum(t.underruns for t in turns),
         underrun_s=sum(t.underrun_s for t in turns),
@@ -116,6 +118,7 @@ _COLUMNS: tuple[tuple[str, str], ...] = (
     ("TTFA p50", "ttfa_p50"),
     ("TTFA p95", "ttfa_p95"),
     ("TTFA p99", "ttfa_p99"),
+    ("speech p50", "speech_heard_p50"),
     ("text→audio p50", "text_to_audio_p50"),
     ("underruns", "underruns"),
     ("underrun s", "underrun_s"),
@@ -134,6 +137,7 @@ def figures(level: LevelSummary) -> dict[str, float | None]:
         "ttfa_p50": level.ttfa_ms.p50,
         "ttfa_p95": level.ttfa_ms.p95,
         "ttfa_p99": level.ttfa_ms.p99,
+        "speech_heard_p50": level.speech_heard_ms.p50,
         "text_to_audio_p50": level.text_to_audio_ms.p50,
         "underruns": float(level.underruns),
         "underrun_s": level.underrun_s,
@@ -157,7 +161,7 @@ def _cell(key: str, value: float | None) -> str:
         return "—"
     if key in ("underruns", "errors"):
         return f"{value:.0f}"
-    if key.startswith(("ttfa", "text_to")):
+    if key.startswith(("ttfa", "text_to", "speech")):
         return f"{value:.0f} ms"
     if key == "server_rss_max_mib":
         return f"{value:.0f}"
