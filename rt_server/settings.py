@@ -96,7 +96,7 @@ class Settings:
     idle_timeout_s: float = 300.0  # a started session with no message and nothing to send; 0: never
     idle_cut_ms: int = 500
     # Segmenting
-    first_segment_min_phonemes: int = 24
+    first_segment_min_phonemes: int = 12
     short_first_segment: bool = True  # off: a turn's first segment is cut like the rest (whole sentences)
     clause_min_phonemes: int = 100
     # Scheduling

@@ -14,7 +14,7 @@ class SessionConfig:
     start_timeout_s: float = 10.0
     idle_timeout_s: float = 0.0  # a started session with no message and nothing to send is closed; 0: never
     idle_cut_ms: int = 500  # text after the last cut is synthesised after this long without input
-    first_segment_min_phonemes: int = 24
+    first_segment_min_phonemes: int = 12
     short_first_segment: bool = True  # off: the first segment of a turn is cut like the others
     clause_min_phonemes: int = 100
     max_pending_tickets: int = 256  # segments and flushes waiting for output
