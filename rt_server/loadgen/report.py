@@ -245,7 +245,8 @@ def plot(levels: Sequence[LevelSummary], path: str | Path, title: str = "") -> N
         mine = sorted((lv for lv in levels if lv.target == target), key=lambda lv: lv.num_sessions)
         n = [lv.num_sessions for lv in mine]
         (line,) = latency.plot(n, [lv.ttfa_ms.p50 for lv in mine], marker="o", label=f"{target} p50")
-        latency.plot(n, [lv.ttfa_ms.p95 for lv in mine], marker="v", ls="--", color=line.get_color(), label="p95")
+        p95 = [lv.ttfa_ms.p95 for lv in mine]
+        latency.plot(n, p95, marker="v", ls="--", color=line.get_color(), label=f"{target} p95")
         throughput.plot(n, [lv.aggregate_rtf for lv in mine], marker="o", color=line.get_color(), label=target)
         underrun.plot(n, [lv.underrun_s for lv in mine], marker="o", color=line.get_color(), label=target)
     for ax, ylabel in (
