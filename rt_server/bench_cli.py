@@ -248,5 +248,10 @@ def _bench(args: argparse.Namespace) -> int:
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     if args.plot_path:
-        plot(levels, args.plot_path, title=f"{report['machine'].get('cpu')}, {report['machine'].get('cpus')} CPUs")
+        try:
+            title = f"{report['machine'].get('cpu')}, {report['machine'].get('cpus')} CPUs"
+            plot(levels, args.plot_path, title=title)
+        except ImportError:
+            print("error: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
+            return 2
     return 0
