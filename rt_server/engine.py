@@ -173,6 +173,8 @@ class _Inbox:
 
     def report(self, session_id: str, consumed_ms: float) -> None:
         with self._cond:
+            if self.closed is not None:
+                return
             self._consumed[session_id] = max(consumed_ms, self._consumed.get(session_id, 0.0))
             self._cond.notify()
 
