@@ -28,6 +28,7 @@ from rt_server.access import AccessPolicy, ApiKeys
 from rt_server.engine import BatchReport, LoadedModel, ModelEngine
 from rt_server.guard import AccessGuard
 from rt_server.metrics import Gauges, Metrics
+from rt_server.pipeline.jobs import MS_PER_DURATION_FRAME
 from rt_server.pipeline.registry import SessionRegistry
 from rt_server.pipeline.scheduler import SchedulerConfig
 from rt_server.pipeline.session_config import SessionConfig
@@ -53,6 +54,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
             voices_dir=spec.voices_dir,
             device=spec.device,
             precision=spec.precision,
+            compile_kernels=spec.compile,
         )
     return LoadedModel(runner=runner, make_request=SynthesisRequest)
 
@@ -71,6 +73,7 @@ class ServerState:
 
 
 def session_config(settings: Settings) -> SessionConfig:
+    pause_frames = max(1, round(settings.join_pause_ms / MS_PER_DURATION_FRAME))
     return SessionConfig(
         max_message_bytes=settings.max_message_bytes,
         max_pending_phonemes=settings.max_pending_phonemes,
@@ -82,6 +85,7 @@ def session_config(settings: Settings) -> SessionConfig:
         first_segment_min_phonemes=settings.first_segment_min_phonemes,
         short_first_segment=settings.short_first_segment,
         clause_min_phonemes=settings.clause_min_phonemes,
+        join_pause_frames=pause_frames if settings.trim_pauses else None,
     )
 
 

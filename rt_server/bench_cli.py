@@ -38,7 +38,7 @@ from rt_server.loadgen.run import LoadOptions, Target, sweep
 from rt_server.loadgen.server_proc import SpawnedServer
 
 # Settings of the baseline server (on top of everything ours gets): one segment per model step, whole sentences.
-BASELINE_SETTINGS = {"max_batch_size": "1", "short_first_segment": "off"}
+BASELINE_SETTINGS = {"max_batch_size": "1", "short_first_segment": "off", "trim_pauses": "off"}
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -142,6 +142,8 @@ def _model_args(args: argparse.Namespace) -> list[str]:
     ):
         if value is not None:
             out += [flag, value]
+    if getattr(args, "compile", None) is not None:
+        out.append("--compile" if args.compile else "--no-compile")
     return out
 
 

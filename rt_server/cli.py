@@ -33,7 +33,18 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=env("RT_SERVER_CONFIG"), help="config.json (default: bundled v1.0)")
     parser.add_argument("--voices-dir", default=env("RT_SERVER_VOICES_DIR"), help="directory of voice packs")
     parser.add_argument("--device", default=env("RT_SERVER_DEVICE", "auto"), help="cpu, cuda or auto")
-    parser.add_argument("--precision", default=env("RT_SERVER_PRECISION", "fp32"), choices=["fp32", "bf16", "fp16"])
+    parser.add_argument(
+        "--precision",
+        default=env("RT_SERVER_PRECISION", "auto"),
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="auto (default): bf16 where the hardware has it natively (AVX512-BF16/AMX CPUs, recent GPUs), else fp32",
+    )
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=env("RT_SERVER_COMPILE", "on").lower() not in ("0", "false", "no", "off"),
+        help="with bf16/fp16, compile the decoder's fused kernels at load (torch.compile; default on)",
+    )
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -51,6 +62,7 @@ def _synth(args: argparse.Namespace) -> int:
             voices_dir=args.voices_dir,
             device=args.device,
             precision=args.precision,
+            compile_kernels=args.compile,
         )
     )
     voice = args.voice or runner.voice_names()[0]

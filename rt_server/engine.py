@@ -76,8 +76,9 @@ class ModelRunnerLike(Protocol):
     def warmup(self) -> None: ...
 
 
-# Builds the runner's request type: (phonemes, voice, speed, seed) -> SynthesisRequest.
-RequestFactory = Callable[[str, str, float, int | None], Any]
+# Builds the runner's request type:
+# (phonemes, voice, speed, seed, max_lead_frames, max_trail_frames) -> SynthesisRequest.
+RequestFactory = Callable[[str, str, float, int | None, int | None, int | None], Any]
 
 
 @dataclass(frozen=True)
@@ -425,7 +426,10 @@ class ModelEngine:
         seeds = {job: int(rng.integers(2**31)) if self._noise else None for job in jobs}
 
         def run(part: Sequence[SegmentJob]) -> list[SegmentAudio]:
-            requests = [loaded.make_request(j.phonemes, j.voice, j.speed, seeds[j]) for j in part]
+            requests = [
+                loaded.make_request(j.phonemes, j.voice, j.speed, seeds[j], j.max_lead_frames, j.max_trail_frames)
+                for j in part
+            ]
             results = loaded.runner.synthesize(requests)
             if len(results) != len(part):
                 raise RuntimeError(f"runner returned {len(results)} results for {len(part)} requests")

@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="append",
         metavar="SPEC",
         help="a model to load, repeatable: NAME, or name=N,kind=kokoro|tiny,weights=..,config=..,voices=..,"
-        "device=..,precision=..,seed=.. (env RT_SERVER_MODELS, ';'-separated)",
+        "device=..,precision=..,compile=on|off,seed=.. (env RT_SERVER_MODELS, ';'-separated)",
     )
     # The single default model when no --model / RT_SERVER_MODELS is given (the same flags as `synth`).
     add_model_arguments(serve)
@@ -66,6 +66,7 @@ def settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None =
                 voices_dir=args.voices_dir or env.get("RT_SERVER_VOICES_DIR"),
                 device=args.device,
                 precision=args.precision,
+                compile=args.compile,
             )
         ]
     return Settings.from_sources(env, overrides)

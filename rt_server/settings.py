@@ -16,7 +16,7 @@ from typing import Any, Final, Literal
 
 ENV_PREFIX: Final = "RT_SERVER_"
 ModelKind = Literal["kokoro", "tiny"]
-_PRECISIONS: Final = ("fp32", "bf16", "fp16")
+_PRECISIONS: Final = ("auto", "fp32", "bf16", "fp16")
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"0", "false", "no", "off"})
 # API keys: long enough not to be guessed, and free of the separators used to list them.
@@ -40,7 +40,8 @@ class ModelSpec:
     weights: str | None = None
     voices_dir: str | None = None
     device: str = "auto"
-    precision: str = "fp32"
+    precision: str = "auto"  # bf16 where the hardware has it natively, else fp32
+    compile: bool = True  # reduced precision: compile the decoder's fused kernels at load (torch.compile)
     seed: int = 0  # tiny models only: the weight seed
 
     def __post_init__(self) -> None:
@@ -54,7 +55,7 @@ class ModelSpec:
     @classmethod
     def parse(cls, spec: str) -> ModelSpec:
         """`NAME` or
-        `name=NAME,kind=tiny,weights=PATH,config=PATH,voices=DIR,device=cpu,precision=fp16,seed=1`.
+        `name=NAME,kind=tiny,weights=PATH,config=PATH,voices=DIR,device=cpu,precision=fp16,compile=off,seed=1`.
 
         A bare `tiny` is the tiny test model named "tiny"; any other bare word is a kokoro model of that name.
         """
@@ -67,7 +68,12 @@ class ModelSpec:
             key = {"voices": "voices_dir"}.get(key.strip(), key.strip())
             if not sep or key not in {f.name for f in fields(cls)}:
                 raise SettingsError(f"model spec {spec!r}: unknown or malformed item {part!r}")
-            values[key] = int(value) if key == "seed" else value.strip()
+            if key == "seed":
+                values[key] = int(value)
+            elif key == "compile":
+                values[key] = _convert("compile", value, "bool")
+            else:
+                values[key] = value.strip()
         if "name" not in values:
             raise SettingsError(f"model spec {spec!r} needs name=")
         return cls(**values)
@@ -99,6 +105,8 @@ class Settings:
     first_segment_min_phonemes: int = 12
     short_first_segment: bool = True  # off: a turn's first segment is cut like the rest (whole sentences)
     clause_min_phonemes: int = 100
+    trim_pauses: bool = True  # off: every segment keeps the model's boundary pauses (0.4 s before, 0.3 s after)
+    join_pause_ms: int = 50  # with trim_pauses: silence kept before a turn's first word and at mid-sentence cuts
     # Scheduling
     max_batch_size: int = 8
     max_batch_tokens: int = 4096
@@ -135,6 +143,7 @@ class Settings:
             "idle_cut_ms",
             "first_segment_min_phonemes",
             "clause_min_phonemes",
+            "join_pause_ms",
             "max_batch_size",
             "max_batch_tokens",
         )
@@ -218,7 +227,8 @@ def _model_from_legacy_env(env: Mapping[str, str]) -> ModelSpec:
         config=env.get(ENV_PREFIX + "CONFIG"),
         voices_dir=env.get(ENV_PREFIX + "VOICES_DIR"),
         device=env.get(ENV_PREFIX + "DEVICE", "auto"),
-        precision=env.get(ENV_PREFIX + "PRECISION", "fp32"),
+        precision=env.get(ENV_PREFIX + "PRECISION", "auto"),
+        compile=_convert("RT_SERVER_COMPILE", env.get(ENV_PREFIX + "COMPILE", "on"), "bool"),
     )
 
 

@@ -24,7 +24,9 @@ TINY2 = ModelSpec(name="tiny2", kind="tiny", seed=1)
 
 def make_settings(**changes: Any) -> Settings:
     """Deterministic (noise off), tiny models, debug endpoints on."""
-    base = Settings(models=(TINY,), noise=False, port=0, debug_endpoints=True, ws_ping_interval_s=0)
+    # trim_pauses off: tests compare with offline synthesis of whole segments (tests/test_first_segment.py
+    # covers the trimming).
+    base = Settings(models=(TINY,), noise=False, port=0, debug_endpoints=True, ws_ping_interval_s=0, trim_pauses=False)
     return base.replace(**changes)
 
 

@@ -214,11 +214,14 @@ def test_english_sentences_are_intelligible(
 
 @pytest.fixture(scope="module")
 def imported_bf16(imported: Imported) -> Any:
+    """bf16 with compiled kernels: what the server runs on this CPU by default (`precision=auto`)."""
     from rt_server.model.kmodel import KModel
     from rt_server.weights import import_weights
 
     paths = import_weights(_home(), install=False).paths
-    return KModel(paths.config, model=paths.checkpoint, precision="bf16")
+    model = KModel(paths.config, model=paths.checkpoint, precision="bf16")
+    model.compile_kernels()
+    return model
 
 
 @pytest.mark.real_weights
@@ -252,3 +255,61 @@ def test_bf16_is_as_intelligible_and_close_to_fp32(
     lines = "\n".join(f"  {t[:28]:<28} frames {a}/{b} corr {c:.4f} |dlogmel| {d:.3f}" for t, a, b, c, d in report)
     print(f"\n{voice} bf16: WER {100 * wer:.1f} %\n{lines}")
     assert wer <= MAX_WER, f"{voice} bf16: WER {100 * wer:.1f} % > {100 * MAX_WER:.0f} %"
+
+
+@pytest.mark.real_weights
+@pytest.mark.parametrize("voice", ["jf_alpha", "af_heart"])
+def test_streamed_segments_with_trimmed_pauses_are_intelligible(
+    imported: Imported, imported_bf16: Any, transcribe: Callable[[np.ndarray[Any, Any]], str], voice: str
+) -> None:
+    """What the server sends by default: each sentence streamed word by word and cut as the server cuts it (a
+    short first segment, `first_segment_min_phonemes=12`), the boundary silences cut where the segments join and
+    before the first word (`trim_pauses`), synthesised in bf16 and played back to back after 0.3 s of the
+    player's silence. Whisper must understand the joined audio as well as the tier requires, and the cuts must
+    hold. (Shortening the boundary durations inside the model instead garbled first and last words: WER
+    15-30 %; see `_trim_boundaries` in rt_server/model/kmodel.py.)"""
+    import torch
+
+    from rt_server.model.voices import load_voice_file, style_row
+    from rt_server.pipeline.segmenter import Segmenter
+
+    pause = 2  # the default join_pause_ms (50) in frames
+    path = _voice_path(imported, voice)
+    pack = load_voice_file(path)[path.stem]
+    pairs, saved = [], []
+    for text, phonemes in SENTENCES:
+        segmenter = Segmenter(max_phonemes=510, first_segment_min_phonemes=12, clause_min_phonemes=100)
+        segments = []
+        for word in phonemes.split():
+            segmenter.append(word + " ")
+            segments += segmenter.cut()
+        segments += segmenter.cut(force=True)
+        assert len(segments) >= 2 and segments[0].joins_next and segments[1].joins_previous
+        pieces, frames = [np.zeros(7200, dtype=np.float32)], 0
+        for segment in segments:
+            seg_phonemes = segment.text.strip()
+            ref_s = torch.from_numpy(style_row(pack, seg_phonemes))[None]
+            lead = pause if segment.first_in_turn or segment.joins_previous else None
+            item = imported_bf16.item(
+                seg_phonemes,
+                ref_s,
+                noise=False,
+                max_lead_frames=lead,
+                max_trail_frames=pause if segment.joins_next else None,
+            )
+            out = imported_bf16.forward_batch([item])[0]
+            assert int(out.pred_dur[0]) <= pause
+            if segment.joins_next:
+                assert int(out.pred_dur[-1]) <= pause
+            pieces.append(out.audio.numpy())
+            frames += int(out.pred_dur.sum())
+        whole = imported_bf16.item(phonemes, torch.from_numpy(style_row(pack, phonemes))[None], noise=False)
+        saved.append(1.0 - frames / sum(int(o.pred_dur.sum()) for o in imported_bf16.forward_batch([whole])))
+        pairs.append((text, transcribe(np.concatenate(pieces))))
+    wer = corpus_wer(pairs)
+    report = "\n".join(f"  {text!r} -> {hyp!r}" for text, hyp in pairs)
+    print(
+        f"\n{voice} streamed, trimmed pauses: WER {100 * wer:.1f} %, frames vs whole sentence "
+        f"{100 * np.mean(saved):+.0f} % fewer\n{report}"
+    )
+    assert wer <= MAX_WER, f"{voice} streamed: WER {100 * wer:.1f} % > {100 * MAX_WER:.0f} %\n{report}"

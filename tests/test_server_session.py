@@ -92,13 +92,14 @@ async def test_whole_session(server: RunningServer, runner: Any) -> None:
     segments = got.events[:2]
     assert [s["phonemes"] for s in segments] == [HELLO, TEST]
     assert [s["seq"] for s in segments] == [0, 1]
-    # each segment event comes before its first frame, at its start in the timeline (48 bytes per ms)
+    # each segment event comes before the frame holding its first sample, at its start in the timeline
+    # (48 bytes per ms; a frame may hold the end of one segment and the start of the next)
     sent = 0
     for item in got.items:
         if isinstance(item, bytes):
             sent += len(item)
         elif item["type"] == "segment":
-            assert sent == round(item["start_ms"] * 48)
+            assert sent <= round(item["start_ms"] * 48) < sent + 960
             timings = item["timings"]
             assert len(timings) == len(item["phonemes"])
             assert all(a < b for a, b in timings)

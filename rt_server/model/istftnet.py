@@ -78,21 +78,10 @@ class AdaINResBlock1(nn.Module):
         for c1, c2, n1, n2, a1, a2 in zip(
             self.convs1, self.convs2, self.adain1, self.adain2, self.alpha1, self.alpha2, strict=True
         ):
-            xt = _snake(n1(x, s, mask), a1, n1.fused)
-            xt = c1(apply_mask(xt, mask))
-            xt = _snake(n2(xt, s, mask), a2, n2.fused)
-            xt = c2(apply_mask(xt, mask))
+            xt = c1(n1(x, s, mask, a1))  # AdaIN + Snake, zero on the padding
+            xt = c2(n2(xt, s, mask, a2))
             x = xt + x
         return x
-
-
-def _snake(x: Tensor, alpha: Tensor, fused: bool = False) -> Tensor:
-    """Snake activation `x + sin(alpha x)^2 / alpha`; `fused` computes it in place in fewer passes."""
-    if not fused:
-        return x + (1 / alpha) * (torch.sin(alpha * x) ** 2)
-    alpha = alpha.to(x.dtype)
-    wave = torch.mul(x, alpha).sin_()
-    return torch.addcmul(x, wave.mul_(wave), alpha.reciprocal())
 
 
 def _hann(n_fft: int, device: torch.device) -> Tensor:
@@ -233,7 +222,9 @@ class Generator(nn.Module):
             x_source = self.noise_res[i](x_source, s, mask_out)
             x = self.ups[i](apply_mask(x, mask_in))
             if last:
-                x = F.pad(x, (1, 0), mode="reflect")
+                # Reflect-pad one position on the left: F.pad's reflect mode would leave autocast's dtype
+                # (it runs in float32), and the whole last stage with it.
+                x = torch.cat([x[..., 1:2], x], dim=-1)
             x = apply_mask(x + x_source, mask_out)
             blocks = self.resblocks[i * self.num_kernels : (i + 1) * self.num_kernels]
             total = blocks[0](x, s, mask_out)

@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rt_server.model.kernels import INSTANCE_NORM_EPS, AdainAct, adain_act_eager
+
 LEAKY_SLOPE = 0.2
-INSTANCE_NORM_EPS = 1e-5
 
 
 def sequence_mask(lengths: Tensor, max_len: int) -> Tensor:
@@ -143,28 +144,17 @@ class InstanceNormAffine(nn.Module):
         return instance_norm(x, mask) * self.weight[:, None] + self.bias[:, None]
 
 
-def instance_stats(x: Tensor, mask: Tensor | None, eps: float = INSTANCE_NORM_EPS) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and 1/std over time (biased variance) over each item's own positions, as float32.
-
-    Unmasked, the reduction reads `x` in its own dtype (it accumulates in float32 internally), which saves a
-    float32 copy of every activation under reduced precision."""
-    if mask is None:
-        var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)
-        return mean.float(), torch.rsqrt(var.float() + eps)
-    x = x.float()
-    count = mask.sum(dim=-1, keepdim=True).clamp_min(1.0)
-    mean = (x * mask).sum(dim=-1, keepdim=True) / count
-    centred = (x - mean) * mask
-    var = (centred * centred).sum(dim=-1, keepdim=True) / count
-    return mean, torch.rsqrt(var + eps)
+def snake(x: Tensor, alpha: Tensor) -> Tensor:
+    """Snake activation `x + sin(alpha x)^2 / alpha` (per-channel alpha [1, C, 1]), in the reference's order."""
+    return x + (1 / alpha) * (torch.sin(alpha * x) ** 2)
 
 
 class AdaIN1d(nn.Module):
-    """Adaptive instance norm: `(1 + gamma(s)) * IN(x) + beta(s)`.
+    """Adaptive instance norm: `(1 + gamma(s)) * IN(x) + beta(s)`, optionally followed by Snake.
 
-    `fused` (set for reduced precision) folds the norm and the style affine into one per-channel scale and
-    shift, `x * A + B`, applied in a single pass: the same function, rounded differently, at about a third of
-    the memory traffic. The default path computes in the reference's own order.
+    `fused` (set for reduced precision) runs the norm, the style affine, Snake and the mask as one kernel
+    (`rt_server.model.kernels.adain_act`; `kernel` selects eager or compiled): the same function, rounded once
+    at the end instead of after every step. The default path computes in the reference's own order.
     """
 
     def __init__(self, style_dim: int, channels: int) -> None:
@@ -172,16 +162,20 @@ class AdaIN1d(nn.Module):
         self.norm = InstanceNormAffine(channels)
         self.fc = nn.Linear(style_dim, channels * 2)
         self.fused = False
+        self.kernel: AdainAct = adain_act_eager
 
-    def forward(self, x: Tensor, s: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, s: Tensor, mask: Tensor | None, alpha: Tensor | None = None) -> Tensor:
+        """AdaIN of x [B, C, L] under style s [B, style_dim], then Snake with `alpha` if given; zero on the
+        padding."""
         h = self.fc(s).unsqueeze(-1)
         gamma, beta = torch.chunk(h, chunks=2, dim=1)
         if not self.fused:
-            return (1 + gamma) * self.norm(x, mask) + beta
-        mean, inv_std = instance_stats(x, mask)
-        scale = (1 + gamma.float()) * inv_std * self.norm.weight[:, None].float()
-        shift = (1 + gamma.float()) * self.norm.bias[:, None].float() + beta.float() - mean * scale
-        return torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype))
+            y = (1 + gamma) * self.norm(x, mask) + beta
+            return apply_mask(y if alpha is None else snake(y, alpha), mask)
+        gain = 1 + gamma.float()
+        scale = gain * self.norm.weight[:, None].float()
+        shift = gain * self.norm.bias[:, None].float() + beta.float()
+        return self.kernel(x, mask, scale, shift, None if alpha is None else alpha.float())
 
 
 class AdaLayerNorm(nn.Module):

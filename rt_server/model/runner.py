@@ -7,6 +7,7 @@ the event loop without sharing tensors. A runner is not thread-safe: one executo
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from rt_server.model.config import SAMPLE_RATE_HZ, tiny_config_dict
-from rt_server.model.kmodel import KModel
+from rt_server.model.kmodel import KModel, resolve_device, resolve_precision
 from rt_server.model.voices import PACK_ROWS, STYLE_DIM, VoiceLibrary, style_row
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,8 @@ class SynthesisRequest:
     voice: str  # a voice name or a blend spec "af_bella:0.7,af_sky:0.3"
     speed: float = 1.0
     seed: int | None = None  # None: sine-source noise off (deterministic); an int seeds the noise
+    max_lead_frames: int | None = None  # cap on the leading boundary silence (see `BatchItem`)
+    max_trail_frames: int | None = None  # cap on the trailing boundary silence
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,15 @@ class ModelRunner:
             style = torch.from_numpy(style_row(self.voices.pack(req.voice), req.phonemes).copy())
             generator = None if req.seed is None else torch.Generator().manual_seed(req.seed)
             items.append(
-                self.model.item(req.phonemes, style, req.speed, noise=req.seed is not None, generator=generator)
+                self.model.item(
+                    req.phonemes,
+                    style,
+                    req.speed,
+                    noise=req.seed is not None,
+                    generator=generator,
+                    max_lead_frames=req.max_lead_frames,
+                    max_trail_frames=req.max_trail_frames,
+                )
             )
         outputs = self.model.forward_batch(items)
         return [SynthesisResult(o.audio.numpy(), o.pred_dur.numpy().astype(np.int64)) for o in outputs]
@@ -130,9 +141,13 @@ def load_runner(
     weights: str | Path | None,
     voices_dir: str | Path | None,
     device: str = "auto",
-    precision: str = "fp32",
+    precision: str = "auto",
+    compile_kernels: bool = True,
 ) -> ModelRunner:
-    """Load a model for serving. With no weights configured, the imported default (see docs/weights.md)."""
+    """Load a model for serving. With no weights configured, the imported default (see docs/weights.md).
+
+    `precision="auto"` picks bf16 where the hardware computes it natively (`resolve_precision`); with reduced
+    precision, `compile_kernels` compiles the decoder's fused kernels now (see `KModel.compile_kernels`)."""
     if weights is None:
         from rt_server.weights import ensure_default_weights
 
@@ -141,7 +156,21 @@ def load_runner(
         voices_dir = voices_dir or default.voices_dir
     if voices_dir is None:
         raise ValueError(f"model {name!r}: no voices directory configured")
+    precision = resolve_precision(precision, resolve_device(device))
     model = KModel(config, weights, device=device, precision=precision)
     voices = VoiceLibrary.from_directory(voices_dir)
-    log.info("model %s loaded on %s (%s) with %d voices", name, model.device, precision, len(voices))
+    compiled = False
+    if compile_kernels and precision != "fp32":
+        started = time.monotonic()
+        compiled = model.compile_kernels()
+        elapsed_s = time.monotonic() - started
+        log.info("model %s: compiled kernels %s (%.1f s)", name, "on" if compiled else "off", elapsed_s)
+    log.info(
+        "model %s loaded on %s (%s%s) with %d voices",
+        name,
+        model.device,
+        precision,
+        ", compiled kernels" if compiled else "",
+        len(voices),
+    )
     return ModelRunner(model, voices, name=name)

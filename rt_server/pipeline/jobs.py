@@ -10,6 +10,7 @@ import numpy.typing as npt
 BOUNDARY_TOKENS = 2  # Kokoro wraps every input in two 0-tokens
 SOURCE_SAMPLE_RATE_HZ = 24_000  # Kokoro's output rate
 SAMPLES_PER_DURATION_FRAME = 600  # one predicted duration frame: 25 ms at 24 kHz
+MS_PER_DURATION_FRAME = SAMPLES_PER_DURATION_FRAME * 1000.0 / SOURCE_SAMPLE_RATE_HZ
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,10 @@ class SegmentJob:
     speed: float
     first_in_turn: bool
     submitted_at: float
+    # Caps on the boundary silences (frames) where the segment joins a neighbour mid-sentence or starts a
+    # turn; None: the model's own pause.
+    max_lead_frames: int | None = None
+    max_trail_frames: int | None = None
 
     @property
     def tokens(self) -> int:

@@ -46,10 +46,17 @@ def _run_length(match: re.Match[str] | None) -> int:
 
 @dataclass(frozen=True)
 class Segment:
-    """A cut. `text` is an exact slice of the input, whitespace included: strip it before synthesis."""
+    """A cut. `text` is an exact slice of the input, whitespace included: strip it before synthesis.
+
+    `joins_previous`: the previous segment of the turn ended in mid-sentence (at a word or clause cut), so
+    this one continues its sentence. `joins_next`: this one ends in mid-sentence, and the next segment will
+    continue it (a forced cut — flush, idle, close — does not join: what follows may be a while coming).
+    """
 
     text: str
     first_in_turn: bool
+    joins_previous: bool = False
+    joins_next: bool = False
 
 
 class Segmenter:
@@ -75,6 +82,7 @@ class Segmenter:
         self.short_first_segment = short_first_segment
         self._buffer = ""
         self._turn_open = False  # a segment of the current turn has been cut already
+        self._mid_sentence = False  # the last cut of the turn was at a word or clause, not a sentence end
 
     @property
     def pending(self) -> str:
@@ -96,10 +104,12 @@ class Segmenter:
     def cut(self, *, force: bool = False) -> list[Segment]:
         """Segments ready now. With `force`, everything pending is cut (blank text is dropped)."""
         segments: list[Segment] = []
-        while (end := self._next_cut(force)) is not None:
+        while (cut := self._next_cut(force)) is not None:
+            end, joins_next = cut
             text, self._buffer = self._buffer[:end], self._buffer[end:]
-            segments.append(Segment(text=text, first_in_turn=not self._turn_open))
+            segments.append(Segment(text, not self._turn_open, self._turn_open and self._mid_sentence, joins_next))
             self._turn_open = True
+            self._mid_sentence = joins_next
         if force:
             self._buffer = ""  # only whitespace is left
         return segments
@@ -107,13 +117,16 @@ class Segmenter:
     def end_turn(self) -> None:
         """The next segment starts a new turn (after `flush`)."""
         self._turn_open = False
+        self._mid_sentence = False
 
     def reset(self) -> None:
         """Drop pending input and start a new turn (on `clear`)."""
         self._buffer = ""
         self._turn_open = False
+        self._mid_sentence = False
 
-    def _next_cut(self, force: bool) -> int | None:
+    def _next_cut(self, force: bool) -> tuple[int, bool] | None:
+        """Where the next segment ends, and whether it ends in mid-sentence (the next one continues it)."""
         buf = self._buffer
         lead = len(buf) - len(buf.lstrip())
         best_clause: int | None = None
@@ -125,21 +138,21 @@ class Segmenter:
             length = end - lead  # code points in the stripped segment
             if length > self.max_phonemes:
                 if best_clause is not None:
-                    return best_clause
+                    return best_clause, True
                 if best_word is not None:
-                    return best_word
-                return lead + self.max_phonemes  # one word over the limit: callers reject these beforehand
+                    return best_word, True
+                return lead + self.max_phonemes, True  # one word over the limit: callers reject these beforehand
             kind = _boundary_after(match.group())
             if kind is _Boundary.SENTENCE:
-                return end
+                return end, False
             if not self._turn_open and self.short_first_segment:
                 if kind is _Boundary.CLAUSE or length >= self.first_segment_min_phonemes:
-                    return end
+                    return end, True
             elif kind is _Boundary.CLAUSE and length >= self.clause_min_phonemes:
-                return end
+                return end, True
             if kind is _Boundary.CLAUSE:
                 best_clause = end
             best_word = end
         if force and buf.strip():
-            return len(buf)
+            return len(buf), False
         return None

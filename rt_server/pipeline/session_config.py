@@ -17,6 +17,9 @@ class SessionConfig:
     first_segment_min_phonemes: int = 12
     short_first_segment: bool = True  # off: the first segment of a turn is cut like the others
     clause_min_phonemes: int = 100
+    # Frames of boundary silence kept before a turn's first word and on both sides of a mid-sentence cut;
+    # None: the model's own pauses (about 0.4 s before and 0.3 s after every segment).
+    join_pause_frames: int | None = 2
     max_pending_tickets: int = 256  # segments and flushes waiting for output
     max_control_events: int = 64  # unread control events before the client counts as stalled
     report_step_ms: float = 100.0  # consumed-audio reports to the scheduler, at least this far apart

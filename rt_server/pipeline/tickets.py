@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from rt_server.pipeline.jobs import (
-    SAMPLES_PER_DURATION_FRAME,
+    MS_PER_DURATION_FRAME,
     SOURCE_SAMPLE_RATE_HZ,
     SegmentAudio,
     SegmentOutcome,
@@ -23,7 +23,6 @@ from rt_server.protocol import ErrorCode, SegmentInfo
 # The pump frames a segment in chunks of at least this many 24 kHz samples (20 ms), so a nearly full outbox
 # does not cost one tiny resampler call per frame.
 MIN_CHUNK_SAMPLES = 480
-_MS_PER_DURATION_FRAME = SAMPLES_PER_DURATION_FRAME * 1000.0 / SOURCE_SAMPLE_RATE_HZ  # 25 ms
 
 
 @dataclass
@@ -54,7 +53,7 @@ class SegmentTicket:
         """The `segment` event: phoneme i spans token i + 1 (token 0 is the leading boundary)."""
         assert self.audio is not None
         assert self.durations is not None
-        edges = start_ms + np.cumsum(self.durations) * _MS_PER_DURATION_FRAME
+        edges = start_ms + np.cumsum(self.durations) * MS_PER_DURATION_FRAME
         timings = tuple((float(edges[i]), float(edges[i + 1])) for i in range(len(self.phonemes)))
         return SegmentInfo(
             seq=self.seq,

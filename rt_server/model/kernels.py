@@ -1,0 +1,88 @@
+"""The decoder's fused element-wise work under reduced precision: AdaIN (statistics, style affine) and Snake.
+
+At the generator's sample-level resolutions this work reads and writes the largest activations in the model
+(128 channels x 120 positions per frame), and on a CPU it costs nearly as much as the convolutions when run as
+separate eager operations. `adain_act` is one function with two implementations of the same arithmetic:
+
+- eager (the default): a handful of ATen calls, statistics by a float32 two-pass mean and variance (ATen's
+  `var_mean` is several times slower on the CPU and, reading bfloat16, less accurate);
+- compiled (`KModel.compile_kernels()`): the same function through `torch.compile` (Inductor), which fuses
+  the statistics, the affine, Snake and the mask into two passes over the activation. Compilation happens on
+  first use per input kind (about 20 s each on a 2-core CPU; cached on disk by Inductor) with dynamic lengths,
+  so segments of any length reuse it.
+
+Both compute in float32 and round once to the activation's dtype at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+INSTANCE_NORM_EPS = 1e-5
+
+AdainAct = Callable[[Tensor, Tensor | None, Tensor, Tensor, Tensor | None], Tensor]
+
+
+def _moments(x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-channel mean, centred float32 input (zero on padding) and biased variance over each item's own
+    positions: two passes in float32."""
+    xf = x.float()
+    if mask is None:
+        mean = xf.mean(dim=-1, keepdim=True)
+        centred = xf - mean
+        return mean, centred, (centred * centred).mean(dim=-1, keepdim=True)
+    count = mask.sum(dim=-1, keepdim=True).clamp_min(1.0)
+    mean = (xf * mask).sum(dim=-1, keepdim=True) / count
+    centred = (xf - mean) * mask
+    return mean, centred, (centred * centred).sum(dim=-1, keepdim=True) / count
+
+
+def adain_act_reference(x: Tensor, mask: Tensor | None, scale: Tensor, shift: Tensor, alpha: Tensor | None) -> Tensor:
+    """`snake(IN(x) * scale + shift)` (or without Snake when `alpha` is None), masked, in x's dtype.
+
+    x: [B, C, L]; mask: [B, 1, L] float (1.0 on an item's own positions) or None (nothing padded);
+    scale, shift: [B, C, 1] float32 (the style's `1 + gamma` and `beta` with the norm's affine folded in);
+    alpha: [1, C, 1] float32 Snake parameter. Statistics cover each item's own positions only. The output is
+    zero on the padding.
+    """
+    _, centred, var = _moments(x, mask)
+    y = centred * (scale * torch.rsqrt(var + INSTANCE_NORM_EPS)) + shift
+    if alpha is not None:
+        wave = torch.sin(y * alpha)
+        y = y + wave * wave * alpha.reciprocal()
+    if mask is not None:
+        y = y * mask
+    return y.to(x.dtype)
+
+
+def adain_act_eager(x: Tensor, mask: Tensor | None, scale: Tensor, shift: Tensor, alpha: Tensor | None) -> Tensor:
+    """`adain_act_reference` in fewer eager passes: the affine and Snake run in x's dtype on a float32-derived
+    per-channel scale and shift (one rounding of each per channel, the element-wise work in bf16)."""
+    mean, _, var = _moments(x, mask)
+    a = scale * torch.rsqrt(var + INSTANCE_NORM_EPS)
+    y = torch.addcmul((shift - mean * a).to(x.dtype), x, a.to(x.dtype))
+    if alpha is not None:
+        alpha = alpha.to(x.dtype)
+        wave = torch.mul(y, alpha).sin_()
+        y = torch.addcmul(y, wave.mul_(wave), alpha.reciprocal())
+    return y if mask is None else y * mask.to(y.dtype)
+
+
+_compiled: AdainAct | None = None
+
+
+def compiled_adain_act() -> AdainAct:
+    """`adain_act_reference` through `torch.compile` (one compiled function per process, shared by every
+    model). Compilation is lazy: the first call per input kind compiles, and fails there if Inductor cannot
+    run on this machine (callers probe it; see `KModel.compile_kernels`)."""
+    global _compiled
+    if _compiled is None:
+        # One compiled variant per input kind: activation dtype (float32 in the decoder's first blocks,
+        # reduced after a convolution) x with or without Snake x batch of one or more x masked or not.
+        dynamo_config = torch._dynamo.config
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 32)
+        _compiled = torch.compile(adain_act_reference, dynamic=True, fullgraph=True)
+    return _compiled
