@@ -1,6 +1,8 @@
 """Real-time factor of the full-size KModel (compute seconds / audio seconds) for short, medium and long input.
 
-    python bench/model_speed.py [--weights PATH] [--device cpu|cuda] [--precision fp32 bf16] [--repeats 3]
+    python bench/model_speed.py [--weights PATH] [--device cpu|cuda] [--precision fp32 bf16 bf16+compile] [--repeats 3]
+
+A precision with `+compile` also compiles the decoder's fused kernels (`KModel.compile_kernels`) before timing.
 
 Without --weights it uses the imported default weights when they exist, else random weights made speech-like
 (durations and F0 in speech ranges; the cost of a forward pass depends only on the lengths). Prints a table.
@@ -33,7 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", default=None)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--precision", nargs="+", default=["fp32", "bf16", "bf16+compile"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
@@ -43,7 +45,9 @@ def main() -> None:
     rows = []
     baseline: dict[str, float] = {}
     for precision in args.precision:
-        model = load_model(args.weights, args.device, precision)
+        model = load_model(args.weights, args.device, precision.removesuffix("+compile"))
+        if precision.endswith("+compile") and not model.compile_kernels():
+            print(f"{precision}: compiled kernels unavailable here, timing the eager ones")
         model("hə", style, noise=False)  # warm-up: lazy initialisation of kernels
         for name, phonemes in INPUTS.items():
             times, seconds = [], 0.0
@@ -60,9 +64,9 @@ def main() -> None:
             baseline.setdefault(name, rtf)
             rows.append((precision, name, len(phonemes), seconds, statistics.median(times), rtf, baseline[name] / rtf))
     print(f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__}")
-    print(f"{'precision':<9} {'input':<7} {'phonemes':>8} {'audio s':>8} {'compute s':>9} {'RTF':>7} {'speed-up':>8}")
+    print(f"{'precision':<12} {'input':<7} {'phonemes':>8} {'audio s':>8} {'compute s':>9} {'RTF':>7} {'speed-up':>8}")
     for precision, name, n, seconds, compute, rtf, gain in rows:
-        print(f"{precision:<9} {name:<7} {n:>8} {seconds:>8.2f} {compute:>9.3f} {rtf:>7.3f} {gain:>7.2f}x")
+        print(f"{precision:<12} {name:<7} {n:>8} {seconds:>8.2f} {compute:>9.3f} {rtf:>7.3f} {gain:>7.2f}x")
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ def session_config(settings: Settings) -> SessionConfig:
 
 def scheduler_config(settings: Settings) -> SchedulerConfig:
     return SchedulerConfig(
-        max_batch_size=settings.max_batch_size,
+        max_batch_size=settings.max_batch_size or None,  # 0: by device
         max_batch_tokens=settings.max_batch_tokens,
         max_padding_waste=settings.max_padding_waste,
         max_wait_ms=settings.batch_wait_ms,

@@ -67,6 +67,7 @@ class ModelRunnerLike(Protocol):
     name: str
     sample_rate_hz: int
     max_phonemes: int
+    device_type: str  # "cpu", "cuda": decides the batch size when the setting leaves it open
 
     def unknown_symbols(self, phonemes: str) -> list[str]: ...
     def vocabulary(self) -> frozenset[str]: ...
@@ -374,7 +375,11 @@ class ModelEngine:
                 self._loop.call_soon_threadsafe(self._fail_sessions)
 
     def _serve(self, loaded: LoadedModel) -> None:
-        scheduler = Scheduler(self._scheduler_config)
+        config = self._scheduler_config.for_device(loaded.runner.device_type)
+        log.info(
+            "engine %s: batches of up to %s segments (%s)", self.name, config.max_batch_size, loaded.runner.device_type
+        )
+        scheduler = Scheduler(config)
         rng = np.random.default_rng()  # seeds for the sine-source noise when `noise` is on
         timeout_s: float | None = None
         batches = 0
@@ -455,6 +460,14 @@ class ModelEngine:
         audio_s = sum(o.duration_ms for o in outcomes if isinstance(o, SegmentAudio)) / 1000.0
         tokens = sum(j.tokens for j in jobs)
         report = BatchReport(self.name, len(jobs), tokens, compute_s, audio_s, halving.failed, halving.splits)
+        log.debug(
+            "model %s: %d segments, %d tokens, %.0f ms for %.2f s of audio",
+            self.name,
+            len(jobs),
+            tokens,
+            1000 * compute_s,
+            audio_s,
+        )
         assert self._loop is not None
         try:
             self._loop.call_soon_threadsafe(self._dispatch, outcomes, report)

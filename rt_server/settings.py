@@ -108,7 +108,7 @@ class Settings:
     trim_pauses: bool = True  # off: every segment keeps the model's boundary pauses (0.4 s before, 0.3 s after)
     join_pause_ms: int = 50  # with trim_pauses: silence kept before a turn's first word and at mid-sentence cuts
     # Scheduling
-    max_batch_size: int = 8
+    max_batch_size: int = 0  # 0: by device, 1 on a CPU and 16 on a GPU (pipeline/scheduler.py AUTO_BATCH_SIZE)
     max_batch_tokens: int = 4096
     max_padding_waste: float = 0.5  # share of a padded batch that may be padding (length bucketing)
     batch_wait_ms: float = 5.0
@@ -144,7 +144,6 @@ class Settings:
             "first_segment_min_phonemes",
             "clause_min_phonemes",
             "join_pause_ms",
-            "max_batch_size",
             "max_batch_tokens",
         )
         for name in positive:
@@ -156,7 +155,14 @@ class Settings:
             raise SettingsError("max_padding_waste must be within 0..1 (exclusive)")
         if self.max_batch_tokens < 512:
             raise SettingsError("max_batch_tokens must hold one full segment (512 tokens)")
-        for name in ("batch_wait_ms", "urgent_within_ms", "shutdown_grace_s", "ws_ping_interval_s", "idle_timeout_s"):
+        for name in (
+            "max_batch_size",
+            "batch_wait_ms",
+            "urgent_within_ms",
+            "shutdown_grace_s",
+            "ws_ping_interval_s",
+            "idle_timeout_s",
+        ):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must not be negative")
         for key in self.api_keys:  # the key itself is never put in a message

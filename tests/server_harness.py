@@ -25,8 +25,16 @@ TINY2 = ModelSpec(name="tiny2", kind="tiny", seed=1)
 def make_settings(**changes: Any) -> Settings:
     """Deterministic (noise off), tiny models, debug endpoints on."""
     # trim_pauses off: tests compare with offline synthesis of whole segments (tests/test_first_segment.py
-    # covers the trimming).
-    base = Settings(models=(TINY,), noise=False, port=0, debug_endpoints=True, ws_ping_interval_s=0, trim_pauses=False)
+    # covers the trimming). Batches of up to 8 even on this CPU: the tests exercise cross-session batching.
+    base = Settings(
+        models=(TINY,),
+        noise=False,
+        port=0,
+        debug_endpoints=True,
+        ws_ping_interval_s=0,
+        trim_pauses=False,
+        max_batch_size=8,
+    )
     return base.replace(**changes)
 
 
@@ -107,6 +115,7 @@ class _PoisonedRunner:
     def __init__(self, runner: Any) -> None:
         self._runner = runner
         self.name, self.sample_rate_hz, self.max_phonemes = runner.name, runner.sample_rate_hz, runner.max_phonemes
+        self.device_type = runner.device_type
         self.unknown_symbols, self.voice_names = runner.unknown_symbols, runner.voice_names
         self.vocabulary = runner.vocabulary
         self.warmup = runner.warmup

@@ -30,6 +30,7 @@ class FakeRunner:
     name = "fake"
     sample_rate_hz = 24_000
     max_phonemes = 510
+    device_type = "cpu"
 
     def __init__(self) -> None:
         self.batches: list[list[tuple[str, str, float, int | None]]] = []
@@ -63,7 +64,10 @@ class FakeRunner:
         pass
 
 
-def _request(phonemes: str, voice: str, speed: float, seed: int | None) -> tuple[str, str, float, int | None]:
+def _request(
+    phonemes: str, voice: str, speed: float, seed: int | None, lead: int | None, trail: int | None
+) -> tuple[str, str, float, int | None]:
+    assert lead is None and trail is None  # these jobs set no pause caps
     return (phonemes, voice, speed, seed)
 
 

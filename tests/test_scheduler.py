@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -186,3 +187,14 @@ def test_padding_waste_is_bounded_by_length_bucketing() -> None:
     sched.submit(_job("c", 0, 178, first=True))  # 180 tokens: 5 % padding
     assert _batch(sched.plan(0.0)) == [("a", 0), ("c", 0)]
     assert _batch(sched.plan(0.0)) == [("b", 0)]  # the short one runs next, not padded to 200
+
+
+def test_batch_size_left_open_is_decided_by_the_device() -> None:
+    from rt_server.pipeline.scheduler import AUTO_BATCH_SIZE
+
+    open_config = SchedulerConfig(max_batch_size=None)
+    assert open_config.for_device("cpu").max_batch_size == AUTO_BATCH_SIZE["cpu"] == 1
+    assert open_config.for_device("cuda").max_batch_size == AUTO_BATCH_SIZE["cuda"] == 16
+    assert SchedulerConfig(max_batch_size=4).for_device("cpu").max_batch_size == 4  # a set value stays
+    with pytest.raises(ValueError, match="decided"):
+        Scheduler(open_config)

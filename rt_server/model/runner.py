@@ -50,6 +50,7 @@ class ModelRunner:
         self.voices = voices
         self.name = name
         self.max_phonemes = model.max_phonemes
+        self.device_type = model.device.type
 
     def unknown_symbols(self, phonemes: str) -> list[str]:
         return self.model.unknown_symbols(phonemes)

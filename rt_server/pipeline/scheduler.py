@@ -20,6 +20,7 @@ Policy:
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -27,10 +28,14 @@ from rt_server.pipeline.bucketing import BucketLimits, choose_batch
 from rt_server.pipeline.flow import WaterMarks
 from rt_server.pipeline.jobs import SegmentJob
 
+# Segments per step when the setting leaves it to the device: on a CPU one pass already keeps every core busy
+# and a batch only adds padding (docs/performance.md); a GPU is mostly idle on one segment.
+AUTO_BATCH_SIZE = {"cpu": 1, "cuda": 16}
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_batch_size: int = 8
+    max_batch_size: int | None = 8  # None: by device (`for_device`)
     max_batch_tokens: int = 4096
     max_wait_ms: float = 5.0
     # Share of a padded batch that may be padding (rt_server.pipeline.bucketing): bounds wasted compute.
@@ -42,10 +47,16 @@ class SchedulerConfig:
     max_queued_per_session: int = 1024
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.max_batch_tokens < 1:
+        if (self.max_batch_size is not None and self.max_batch_size < 1) or self.max_batch_tokens < 1:
             raise ValueError("batch bounds must be positive")
         if self.max_wait_ms < 0 or not 0 <= self.low_water_ms <= self.high_water_ms:
             raise ValueError("need max_wait_ms >= 0 and 0 <= low_water_ms <= high_water_ms")
+
+    def for_device(self, device_type: str) -> SchedulerConfig:
+        """This config with `max_batch_size` decided for a model on `device_type` when it is left open."""
+        if self.max_batch_size is not None:
+            return self
+        return dataclasses.replace(self, max_batch_size=AUTO_BATCH_SIZE.get(device_type, 1))
 
 
 @dataclass(frozen=True)
@@ -86,7 +97,10 @@ class _SessionState:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig) -> None:
+        if config.max_batch_size is None:
+            raise ValueError("max_batch_size must be decided (SchedulerConfig.for_device) before scheduling")
         self.config = config
+        self._max_batch_size = config.max_batch_size
         self._sessions: dict[str, _SessionState] = {}
 
     # -- commands --------------------------------------------------------------------------------------
@@ -196,7 +210,7 @@ class Scheduler:
         share its pass only while the padded batch stays within the token budget and the padding waste bound.
         The cost of an item is its frame count's proxy, tokens / speed (frames dominate the decoder)."""
         limits = BucketLimits(
-            max_items=self.config.max_batch_size,
+            max_items=self._max_batch_size,
             max_padded_cost=float(self.config.max_batch_tokens),
             max_waste=self.config.max_padding_waste,
         )
@@ -205,7 +219,7 @@ class Scheduler:
     def _should_run_now(
         self, candidates: list[tuple[tuple[int, float, float], SegmentJob]], chosen: list[SegmentJob], now: float
     ) -> bool:
-        if self.config.max_wait_ms == 0 or len(chosen) == self.config.max_batch_size:
+        if self.config.max_wait_ms == 0 or len(chosen) == self._max_batch_size:
             return True
         if len(chosen) < len(candidates):
             return True  # the budget is already full: more work would not join this batch
