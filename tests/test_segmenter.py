@@ -173,3 +173,26 @@ def test_invariants(pieces: list[str], first: int, clause: int) -> None:
                 raise AssertionError(f"sentence end inside a segment: {core!r}")
     assert out[0].first_in_turn
     assert not any(s.first_in_turn for s in out[1:])
+
+
+def test_segments_say_where_they_join_a_neighbour_in_mid_sentence() -> None:
+    """The flags the session uses to cut pauses: a word or clause cut joins the next segment; a sentence end and
+    a forced cut do not; a new turn starts fresh."""
+    seg = _segmenter(first=5, clause=8)
+    seg.append("ab cd ef gh ij, kl mn op qr. st uv ")
+    got = seg.cut()
+    assert _texts(got) == ["ab cd", "ef gh ij,", "kl mn op qr."]
+    assert [(s.first_in_turn, s.joins_previous, s.joins_next) for s in got] == [
+        (True, False, True),  # the short first segment: cut at a word
+        (False, True, True),  # continues the sentence, cut at a long enough clause
+        (False, True, False),  # continues it, ends it
+    ]
+    forced = seg.cut(force=True)  # "st uv" after a sentence end, cut by a flush
+    assert [(s.text.strip(), s.joins_previous, s.joins_next) for s in forced] == [("st uv", False, False)]
+    seg.end_turn()
+    seg.append("wx yz ab cd ")
+    first = seg.cut()
+    assert [(s.first_in_turn, s.joins_previous, s.joins_next) for s in first] == [(True, False, True)]
+    seg.reset()
+    seg.append("ab. ")
+    assert [(s.first_in_turn, s.joins_previous, s.joins_next) for s in seg.cut()] == [(True, False, False)]
