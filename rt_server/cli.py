@@ -26,8 +26,11 @@ def write_wav(path: str | Path, audio: np.ndarray, sample_rate_hz: int) -> None:
         out.writeframes(pcm.tobytes())
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Where the model comes from: flags, else RT_SERVER_* variables, else the imported default weights."""
+def add_model_arguments(parser: argparse.ArgumentParser, *, compile_by_default: bool = True) -> None:
+    """Where the model comes from: flags, else RT_SERVER_* variables, else the imported default weights.
+
+    `compile_by_default`: whether `--compile` is on unless RT_SERVER_COMPILE or a flag says otherwise (off for
+    one-shot commands, where compiling would cost more than it saves)."""
     env = os.environ.get
     parser.add_argument("--weights", default=env("RT_SERVER_WEIGHTS"), help="checkpoint .pth/.safetensors")
     parser.add_argument("--config", default=env("RT_SERVER_CONFIG"), help="config.json (default: bundled v1.0)")
@@ -42,8 +45,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
-        default=env("RT_SERVER_COMPILE", "on").lower() not in ("0", "false", "no", "off"),
-        help="with bf16/fp16, compile the decoder's fused kernels at load (torch.compile; default on)",
+        default=env("RT_SERVER_COMPILE", "on" if compile_by_default else "off").lower()
+        not in ("0", "false", "no", "off"),
+        help="with bf16/fp16, compile the decoder's fused kernels at load (torch.compile; default: "
+        + ("on)" if compile_by_default else "off for this one-shot command)"),
     )
 
 
@@ -91,7 +96,7 @@ def _add_synth(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--seed", type=int, default=None, help="seed the sine-source noise (default: noise off)")
     p.add_argument("--out", default="out.wav")
     p.add_argument("--tiny", action="store_true", help="tiny random model (for smoke tests; not speech)")
-    add_model_arguments(p)
+    add_model_arguments(p, compile_by_default=False)
     p.set_defaults(handler=_synth)
 
 

@@ -131,6 +131,14 @@ def test_settings_from_env_and_flags() -> None:
     assert from_flags.models == (
         ModelSpec(name="kokoro", weights="/f.pth", voices_dir="/v", device="cpu", precision="bf16"),
     )
+    assert from_flags.models[0].compile is True  # compiled kernels by default when serving
+    uncompiled = settings_from_args(build_parser().parse_args([*flags, "--no-compile"]), {})
+    assert uncompiled.models[0].compile is False
+    assert ModelSpec.parse("name=a,precision=auto,compile=off") == ModelSpec(name="a", compile=False)
+    assert Settings().models[0].precision == "auto"
+    # one-shot synthesis does not compile unless asked to
+    assert build_parser().parse_args(["synth", "--phonemes", "a"]).compile is False
+    assert build_parser().parse_args(["synth", "--phonemes", "a", "--compile"]).compile is True
 
 
 @pytest.mark.parametrize(
