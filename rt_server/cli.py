@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rt_server.settings import SettingsError, parse_bool
+
 Handler = Callable[[argparse.Namespace], int]
 
 
@@ -32,6 +34,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, compile_by_default: 
     `compile_by_default`: whether `--compile` is on unless RT_SERVER_COMPILE or a flag says otherwise (off for
     one-shot commands, where compiling would cost more than it saves)."""
     env = os.environ.get
+    try:
+        compile_default = parse_bool(
+            "RT_SERVER_COMPILE", env("RT_SERVER_COMPILE", "on" if compile_by_default else "off")
+        )
+    except SettingsError as exc:
+        parser.error(str(exc))
     parser.add_argument("--weights", default=env("RT_SERVER_WEIGHTS"), help="checkpoint .pth/.safetensors")
     parser.add_argument("--config", default=env("RT_SERVER_CONFIG"), help="config.json (default: bundled v1.0)")
     parser.add_argument("--voices-dir", default=env("RT_SERVER_VOICES_DIR"), help="directory of voice packs")
@@ -45,8 +53,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, compile_by_default: 
     parser.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
-        default=env("RT_SERVER_COMPILE", "on" if compile_by_default else "off").lower()
-        not in ("0", "false", "no", "off"),
+        default=compile_default,
         help="with bf16/fp16, compile the decoder's fused kernels at load (torch.compile; default: "
         + ("on)" if compile_by_default else "off for this one-shot command)"),
     )

@@ -245,6 +245,12 @@ def _field_type(name: str) -> str:
     raise SettingsError(f"unknown setting {name!r}")
 
 
+def parse_bool(name: str, raw: str) -> bool:
+    """`on/off`, `true/false`, `1/0`, `yes/no`; anything else is a `SettingsError` naming the setting."""
+    value: bool = _convert(name, raw, "bool")
+    return value
+
+
 def _convert(name: str, raw: str, type_name: str) -> Any:
     raw = raw.strip()
     try:

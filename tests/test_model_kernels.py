@@ -113,6 +113,9 @@ def test_compiled_kernels_in_the_model_keep_durations_and_audio() -> None:
         error = float((a_comp - a_eager).abs().max()) / float(a_eager.abs().max())
         assert error < 0.05, f"{phonemes!r}: compiled kernels differ from eager by {100 * error:.1f} % of peak"
     assert compiled.compile_kernels(False) is False  # back to eager
+    assert compiled.compile_kernels() is True
+    compiled.set_precision("bf16")  # refolds the weights: compiled code is dropped until compiled again
+    assert all(m.kernel is adain_act_eager for m in compiled.modules() if isinstance(m, AdaIN1d))
 
 
 def test_fp32_does_not_use_compiled_kernels() -> None:
@@ -142,3 +145,26 @@ def test_a_machine_that_cannot_compile_falls_back_to_eager(tmp_path: object) -> 
     assert "compiled: False" in done.stdout
     assert "samples: " in done.stdout and "samples: 0" not in done.stdout
     assert "compiled kernels unavailable, using eager ones" in done.stderr
+
+
+def test_a_failing_compiled_kernel_is_replaced_by_the_eager_one(caplog: pytest.LogCaptureFixture) -> None:
+    """A compiled kernel that raises in the middle of serving (an input kind it cannot compile) must not fail
+    the request: the module logs it, answers with the eager kernel, and keeps that one."""
+    torch.manual_seed(5)
+    module = AdaIN1d(style_dim=8, channels=16)
+    module.fused = True
+    calls = []
+
+    def broken(*args: object) -> torch.Tensor:
+        calls.append(args)
+        raise RuntimeError("cannot compile this input kind")
+
+    module.kernel = broken
+    x, s, alpha = torch.randn(1, 16, 40), torch.randn(1, 8), 0.5 + torch.rand(1, 16, 1)
+    with torch.no_grad():
+        got = module(x, s, None, alpha)
+        assert module.kernel is adain_act_eager
+        want = module(x, s, None, alpha)
+    torch.testing.assert_close(got, want)
+    assert len(calls) == 1
+    assert "compiled AdaIN kernel failed" in caplog.text

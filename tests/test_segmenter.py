@@ -196,3 +196,34 @@ def test_segments_say_where_they_join_a_neighbour_in_mid_sentence() -> None:
     seg.reset()
     seg.append("ab. ")
     assert [(s.first_in_turn, s.joins_previous, s.joins_next) for s in seg.cut()] == [(True, False, False)]
+
+
+def test_a_forced_cut_never_joins_the_next_segment() -> None:
+    """Whether the text forced out by a flush or the idle timer ends at a clause, at a word past the first
+    segment's length, or anywhere else, what follows may be a while coming: no pause is cut after it."""
+    for text in ("ab cd ef gh ij, ", "ab cd ef gh ij ", "ab cd ef"):
+        seg = _segmenter(first=5, clause=8)
+        seg.append("xy. ")
+        seg.cut()
+        seg.append(text)
+        forced = seg.cut(force=True)
+        assert forced and not forced[-1].joins_next, text
+        seg.append("kl mn. ")
+        (after,) = seg.cut()
+        assert not after.joins_previous, text
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["ab", "cd,", "ef.", "gh", "ijk", " "]), min_size=1, max_size=30), st.booleans())
+def test_join_flags_agree_between_neighbours(words: list[str], force: bool) -> None:
+    seg = _segmenter(first=5, clause=8)
+    segments: list[Segment] = []
+    for word in words:
+        seg.append(word + " ")
+        segments += seg.cut()
+    forced = seg.cut(force=force)
+    segments += forced
+    for before, after in itertools.pairwise(segments):
+        assert before.joins_next == after.joins_previous
+    if forced:  # a segment cut earlier may have promised a join that the flush then ended: that is allowed
+        assert not forced[-1].joins_next

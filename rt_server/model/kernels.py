@@ -2,16 +2,16 @@
 
 At the generator's sample-level resolutions this work reads and writes the largest activations in the model
 (128 channels x 120 positions per frame), and on a CPU it costs nearly as much as the convolutions when run as
-separate eager operations. `adain_act` is one function with two implementations of the same arithmetic:
+separate eager operations. One function, two implementations:
 
-- eager (the default): a handful of ATen calls, statistics by a float32 two-pass mean and variance (ATen's
-  `var_mean` is several times slower on the CPU and, reading bfloat16, less accurate);
-- compiled (`KModel.compile_kernels()`): the same function through `torch.compile` (Inductor), which fuses
-  the statistics, the affine, Snake and the mask into two passes over the activation. Compilation happens on
-  first use per input kind (about 20 s each on a 2-core CPU; cached on disk by Inductor) with dynamic lengths,
+- `adain_act_eager` (the default): a handful of ATen calls. Statistics by a float32 two-pass mean and variance
+  (ATen's `var_mean` is several times slower on the CPU and, reading bfloat16, less accurate), folded into one
+  float32 scale and shift per channel; the affine and Snake then run in the activation's dtype.
+- `adain_act_reference` compiled by `torch.compile` (Inductor; `KModel.compile_kernels()`): everything in
+  float32, rounded once to the activation's dtype at the end, fused into two passes over the activation.
+  Compilation happens per input kind (dtype, with or without Snake, one item or several, masked or not), up to
+  about 20 s each on a 2-core CPU the first time and seconds from Inductor's on-disk cache, with dynamic lengths,
   so segments of any length reuse it.
-
-Both compute in float32 and round once to the activation's dtype at the end.
 """
 
 from __future__ import annotations
@@ -84,5 +84,7 @@ def compiled_adain_act() -> AdainAct:
         # reduced after a convolution) x with or without Snake x batch of one or more x masked or not.
         dynamo_config = torch._dynamo.config
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 32)
-        _compiled = torch.compile(adain_act_reference, dynamic=True, fullgraph=True)
+        # Not fullgraph: past the recompile limit dynamo runs the function as plain Python (the same result,
+        # slower) instead of raising in the middle of a request.
+        _compiled = torch.compile(adain_act_reference, dynamic=True)
     return _compiled

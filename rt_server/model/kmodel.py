@@ -76,8 +76,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     AVX512-BF16 or AMX), else fp32. Other values pass through."""
     if precision != "auto":
         return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cuda":  # native bf16 from Ampere (compute capability 8.0) on; older GPUs emulate it
+        return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp32"
     return "bf16" if device.type == "cpu" and _cpu_has_native_bf16() else "fp32"
 
 
@@ -139,6 +139,7 @@ class KModel(nn.Module):
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         self.precision = precision
         reduced = PRECISIONS[precision] if precision != "fp32" else None
+        self._set_kernel(adain_act_eager)  # compiled for the old dtype: call `compile_kernels` again
         for sub in self.modules():
             if isinstance(sub, AdaIN1d):
                 sub.fused = False
@@ -157,6 +158,7 @@ class KModel(nn.Module):
         Compiles now, on a single utterance and a padded pair, so that no request pays for it (about a minute
         on a 2-core CPU the first time; Inductor caches its code on disk). Returns whether compiled kernels
         are in use: False for fp32, and False (eager kept, reason logged) where Inductor cannot run.
+        `set_precision` (also run by `load_weights`) goes back to eager kernels: call this again after it.
         """
         kernel: AdainAct = adain_act_eager
         if enabled and self.precision != "fp32":
@@ -164,6 +166,8 @@ class KModel(nn.Module):
                 kernel = compiled_adain_act()
                 self._set_kernel(kernel)
                 self._warm_kernels()
+                if any(m.kernel is not kernel for m in self.decoder.modules() if isinstance(m, AdaIN1d)):
+                    raise RuntimeError("a compiled kernel failed while warming up (logged above)")
             except Exception as exc:  # no C++ compiler, unsupported platform: serve eagerly rather than not at all
                 log.warning("compiled kernels unavailable, using eager ones: %s: %s", type(exc).__name__, exc)
                 kernel = adain_act_eager
@@ -178,7 +182,7 @@ class KModel(nn.Module):
     def _warm_kernels(self) -> None:
         style = torch.zeros(self.config.style_dim * 2)
         symbol = next(iter(self.vocab))
-        short, longer = (self.item(symbol * n, style, noise=False) for n in (2, 5))
+        short, longer = (self.item(symbol * n, style, noise=False) for n in (2, 40))
         self.forward_batch([short])
         self.forward_batch([short, longer])  # masked kernels
         self.forward_batch([short, short])  # a batch of more than one, unpadded

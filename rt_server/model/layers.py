@@ -8,6 +8,7 @@ padding before every convolution that could read it, so that a padded item compu
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -15,6 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rt_server.model.kernels import INSTANCE_NORM_EPS, AdainAct, adain_act_eager
+
+_log = logging.getLogger(__name__)
 
 LEAKY_SLOPE = 0.2
 
@@ -153,8 +156,9 @@ class AdaIN1d(nn.Module):
     """Adaptive instance norm: `(1 + gamma(s)) * IN(x) + beta(s)`, optionally followed by Snake.
 
     `fused` (set for reduced precision) runs the norm, the style affine, Snake and the mask as one kernel
-    (`rt_server.model.kernels.adain_act`; `kernel` selects eager or compiled): the same function, rounded once
-    at the end instead of after every step. The default path computes in the reference's own order.
+    (`kernel`: `rt_server.model.kernels.adain_act_eager`, or the compiled `adain_act_reference`): the same
+    function with fewer roundings. The default path computes in the reference's own order. A compiled kernel
+    that fails (a new input kind it cannot compile) is replaced by the eager one for good, with a warning.
     """
 
     def __init__(self, style_dim: int, channels: int) -> None:
@@ -175,7 +179,19 @@ class AdaIN1d(nn.Module):
         gain = 1 + gamma.float()
         scale = gain * self.norm.weight[:, None].float()
         shift = gain * self.norm.bias[:, None].float() + beta.float()
-        return self.kernel(x, mask, scale, shift, None if alpha is None else alpha.float())
+        snake_alpha = None if alpha is None else alpha.float()
+        if self.kernel is adain_act_eager:
+            return adain_act_eager(x, mask, scale, shift, snake_alpha)
+        try:
+            return self.kernel(x, mask, scale, shift, snake_alpha)
+        except torch.OutOfMemoryError:
+            raise  # the engine splits the batch; eager would run out of memory too
+        except Exception as exc:
+            _log.warning(
+                "compiled AdaIN kernel failed, using the eager one from now on: %s: %s", type(exc).__name__, exc
+            )
+            self.kernel = adain_act_eager
+            return adain_act_eager(x, mask, scale, shift, snake_alpha)
 
 
 class AdaLayerNorm(nn.Module):

@@ -7,6 +7,7 @@ the event loop without sharing tensors. A runner is not thread-safe: one executo
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -162,6 +163,10 @@ def load_runner(
     voices = VoiceLibrary.from_directory(voices_dir)
     compiled = False
     if compile_kernels and precision != "fp32":
+        # Inductor's code cache with the weights (default: /tmp, lost on every container restart).
+        from rt_server.weights import default_home
+
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default_home() / "inductor-cache"))
         started = time.monotonic()
         compiled = model.compile_kernels()
         elapsed_s = time.monotonic() - started

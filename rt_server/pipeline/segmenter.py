@@ -107,7 +107,14 @@ class Segmenter:
         while (cut := self._next_cut(force)) is not None:
             end, joins_next = cut
             text, self._buffer = self._buffer[:end], self._buffer[end:]
-            segments.append(Segment(text, not self._turn_open, self._turn_open and self._mid_sentence, joins_next))
+            segments.append(
+                Segment(
+                    text=text,
+                    first_in_turn=not self._turn_open,
+                    joins_previous=self._turn_open and self._mid_sentence,
+                    joins_next=joins_next,
+                )
+            )
             self._turn_open = True
             self._mid_sentence = joins_next
         if force:
@@ -145,11 +152,13 @@ class Segmenter:
             kind = _boundary_after(match.group())
             if kind is _Boundary.SENTENCE:
                 return end, False
+            # A forced cut of everything pending ends the segment here with nothing after it yet: no join.
+            joins = not (force and not buf[end:].strip())
             if not self._turn_open and self.short_first_segment:
                 if kind is _Boundary.CLAUSE or length >= self.first_segment_min_phonemes:
-                    return end, True
+                    return end, joins
             elif kind is _Boundary.CLAUSE and length >= self.clause_min_phonemes:
-                return end, True
+                return end, joins
             if kind is _Boundary.CLAUSE:
                 best_clause = end
             best_word = end
