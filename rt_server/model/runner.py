@@ -22,6 +22,9 @@ from rt_server.model.voices import PACK_ROWS, STYLE_DIM, VoiceLibrary, style_row
 
 log = logging.getLogger(__name__)
 
+# A sentence of typical length in Kokoro's English phonemes, for the warm-up.
+WARMUP_SENTENCE = "ðə kwˈɪk bɹˈWn fˈɑks ʤˈʌmps ˌOvəɹ ðə lˈAzi dˈɔɡ."
+
 
 @dataclass(frozen=True)
 class SynthesisRequest:
@@ -88,8 +91,12 @@ class ModelRunner:
         return [SynthesisResult(o.audio.numpy(), o.pred_dur.numpy().astype(np.int64)) for o in outputs]
 
     def warmup(self) -> None:
-        """One short synthesis, so the first real request does not pay for lazy initialisation."""
-        self.synthesize([SynthesisRequest("hˈɛloʊ", self.voice_names()[0])])
+        """A short and a sentence-length synthesis, so the first real request does not pay for lazy
+        initialisation (measured: the first sentence after a short warm-up alone took 530 ms instead of 390)."""
+        voice = self.voice_names()[0]
+        self.synthesize([SynthesisRequest("hˈɛloʊ", voice)])
+        if not self.unknown_symbols(WARMUP_SENTENCE):
+            self.synthesize([SynthesisRequest(WARMUP_SENTENCE, voice)])
 
 
 def random_voice_pack(seed: int) -> np.ndarray:
