@@ -10,7 +10,8 @@ separate eager operations. One function, two implementations:
 - `adain_act_reference` compiled by `torch.compile` (Inductor; `KModel.compile_kernels()`): everything in
   float32, rounded once to the activation's dtype at the end, fused into two passes over the activation.
   Compilation happens per input kind (dtype, with or without Snake, one item or several, masked or not), up to
-  about 20 s each on a 2-core CPU the first time and seconds from Inductor's on-disk cache, with dynamic lengths,
+  several seconds each on a 2-core CPU the first time (about a minute in all) and less from Inductor's on-disk
+  cache, with dynamic lengths,
   so segments of any length reuse it.
 """
 
