@@ -9,10 +9,9 @@ separate eager operations. One function, two implementations:
   float32 scale and shift per channel; the affine and Snake then run in the activation's dtype.
 - `adain_act_reference` compiled by `torch.compile` (Inductor; `KModel.compile_kernels()`): everything in
   float32, rounded once to the activation's dtype at the end, fused into two passes over the activation.
-  Compilation happens per input kind (dtype, with or without Snake, one item or several, masked or not), up to
-  several seconds each on a 2-core CPU the first time (about a minute in all) and less from Inductor's on-disk
-  cache, with dynamic lengths,
-  so segments of any length reuse it.
+  Compilation happens per input kind (dtype, with or without Snake, one item or several, masked or not): about
+  a minute in all on a 2-core CPU the first time, less from Inductor's on-disk cache. Lengths are dynamic, so
+  segments of any length reuse it.
 """
 
 from __future__ import annotations
