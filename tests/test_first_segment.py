@@ -31,30 +31,8 @@ def test_the_setting_reads_from_the_environment_and_reaches_the_sessions() -> No
     assert not session_config(settings).short_first_segment
 
 
-async def _first_segments(short_first_segment: bool) -> list[str]:
-    server = start_server(make_settings(first_segment_min_phonemes=8, short_first_segment=short_first_segment))
-    try:
-        async with websockets.connect(server.url, compression=None) as ws:
-            await ws.send(json.dumps({"type": "start", "alignment": True}))
-            assert json.loads(await ws.recv())["type"] == "ready"
-            for word in f"{SENTENCE} {LATER}".split():
-                await ws.send(json.dumps({"type": "phonemes", "text": word + " "}))
-            await ws.send(json.dumps({"type": "close"}))
-            got = await receive_until_closed(ws)
-    finally:
-        await asyncio.to_thread(server.stop)
-    assert got.close_code == 1000
-    return [e["phonemes"] for e in got.events if e["type"] == "segment"]
-
-
-@pytest.mark.asyncio
-async def test_short_first_segment_on_and_off() -> None:
-    async with asyncio.timeout(100):
-        assert await _first_segments(True) == ["ðə kwˈɪk", "bɹˈWn fˈɑːks ʤˈʌmps ˌOvɚ ðə lˈAzi dˈɑːɡ.", LATER]
-        assert await _first_segments(False) == [SENTENCE, LATER]
-
-
 async def _stream(**settings: Any) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """SENTENCE and LATER streamed word by word, then `close`: the segment events and the f32 audio."""
     server = start_server(make_settings(first_segment_min_phonemes=8, **settings))
     try:
         async with websockets.connect(server.url, compression=None) as ws:
@@ -69,6 +47,18 @@ async def _stream(**settings: Any) -> tuple[list[dict[str, Any]], np.ndarray]:
     assert got.close_code == 1000
     segments = [e for e in got.events if e["type"] == "segment"]
     return segments, np.frombuffer(b"".join(got.frames), "<f4")
+
+
+async def _first_segments(short_first_segment: bool) -> list[str]:
+    segments, _ = await _stream(short_first_segment=short_first_segment)
+    return [s["phonemes"] for s in segments]
+
+
+@pytest.mark.asyncio
+async def test_short_first_segment_on_and_off() -> None:
+    async with asyncio.timeout(100):
+        assert await _first_segments(True) == ["ðə kwˈɪk", "bɹˈWn fˈɑːks ʤˈʌmps ˌOvɚ ðə lˈAzi dˈɑːɡ.", LATER]
+        assert await _first_segments(False) == [SENTENCE, LATER]
 
 
 def _pauses(segments: list[dict[str, Any]]) -> list[tuple[float, float]]:

@@ -289,14 +289,8 @@ def test_streamed_segments_with_trimmed_pauses_are_intelligible(
         for segment in segments:
             seg_phonemes = segment.text.strip()
             ref_s = torch.from_numpy(style_row(pack, seg_phonemes))[None]
-            lead = pause if segment.first_in_turn or segment.joins_previous else None
-            item = imported_bf16.item(
-                seg_phonemes,
-                ref_s,
-                noise=False,
-                max_lead_frames=lead,
-                max_trail_frames=pause if segment.joins_next else None,
-            )
+            lead, trail = segment.pause_caps(pause)  # as the session sets them
+            item = imported_bf16.item(seg_phonemes, ref_s, noise=False, max_lead_frames=lead, max_trail_frames=trail)
             out = imported_bf16.forward_batch([item])[0]
             assert int(out.pred_dur[0]) <= pause
             if segment.joins_next:

@@ -227,3 +227,12 @@ def test_join_flags_agree_between_neighbours(words: list[str], force: bool) -> N
         assert before.joins_next == after.joins_previous
     if forced:  # a segment cut earlier may have promised a join that the flush then ended: that is allowed
         assert not forced[-1].joins_next
+
+
+def test_pause_caps_follow_the_join_flags() -> None:
+    first = Segment("ab cd", first_in_turn=True, joins_next=True)
+    middle = Segment("ef gh,", first_in_turn=False, joins_previous=True, joins_next=True)
+    last = Segment("ij.", first_in_turn=False, joins_previous=True)
+    alone = Segment("kl.", first_in_turn=False)
+    assert [s.pause_caps(2) for s in (first, middle, last, alone)] == [(2, 2), (2, 2), (2, None), (None, None)]
+    assert first.pause_caps(None) == (None, None)  # trimming off

@@ -26,9 +26,9 @@ INSTANCE_NORM_EPS = 1e-5
 AdainAct = Callable[[Tensor, Tensor | None, Tensor, Tensor, Tensor | None], Tensor]
 
 
-def _moments(x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+def moments(x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """Per-channel mean, centred float32 input (zero on padding) and biased variance over each item's own
-    positions: two passes in float32."""
+    positions (all of them when `mask` is None): two passes in float32."""
     xf = x.float()
     if mask is None:
         mean = xf.mean(dim=-1, keepdim=True)
@@ -48,7 +48,7 @@ def adain_act_reference(x: Tensor, mask: Tensor | None, scale: Tensor, shift: Te
     alpha: [1, C, 1] float32 Snake parameter. Statistics cover each item's own positions only. The output is
     zero on the padding.
     """
-    _, centred, var = _moments(x, mask)
+    _, centred, var = moments(x, mask)
     y = centred * (scale * torch.rsqrt(var + INSTANCE_NORM_EPS)) + shift
     if alpha is not None:
         wave = torch.sin(y * alpha)
@@ -61,7 +61,7 @@ def adain_act_reference(x: Tensor, mask: Tensor | None, scale: Tensor, shift: Te
 def adain_act_eager(x: Tensor, mask: Tensor | None, scale: Tensor, shift: Tensor, alpha: Tensor | None) -> Tensor:
     """`adain_act_reference` in fewer eager passes: the affine and Snake run in x's dtype on a float32-derived
     per-channel scale and shift (one rounding of each per channel, the element-wise work in bf16)."""
-    mean, _, var = _moments(x, mask)
+    mean, _, var = moments(x, mask)
     a = scale * torch.rsqrt(var + INSTANCE_NORM_EPS)
     y = torch.addcmul((shift - mean * a).to(x.dtype), x, a.to(x.dtype))
     if alpha is not None:

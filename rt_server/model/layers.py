@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rt_server.model.kernels import INSTANCE_NORM_EPS, AdainAct, adain_act_eager
+from rt_server.model.kernels import INSTANCE_NORM_EPS, AdainAct, adain_act_eager, moments
 
 _log = logging.getLogger(__name__)
 
@@ -128,10 +128,7 @@ def instance_norm(x: Tensor, mask: Tensor | None, eps: float = INSTANCE_NORM_EPS
     """Instance norm over time (biased variance), over each item's own positions only when masked."""
     if mask is None:
         return F.instance_norm(x, eps=eps)
-    count = mask.sum(dim=-1, keepdim=True).clamp_min(1.0)
-    mean = (x * mask).sum(dim=-1, keepdim=True) / count
-    centred = (x - mean) * mask
-    var = (centred * centred).sum(dim=-1, keepdim=True) / count
+    _, centred, var = moments(x, mask)
     return centred * torch.rsqrt(var + eps)  # zero on the padding
 
 

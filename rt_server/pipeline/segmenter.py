@@ -58,6 +58,15 @@ class Segment:
     joins_previous: bool = False
     joins_next: bool = False
 
+    def pause_caps(self, pause_frames: int | None) -> tuple[int | None, int | None]:
+        """Caps on the (leading, trailing) boundary silence in frames: `pause_frames` before a turn's first word
+        and on each side of a mid-sentence join, None (the model's own pause) elsewhere or when `pause_frames`
+        is None (trimming off)."""
+        if pause_frames is None:
+            return None, None
+        lead = pause_frames if self.first_in_turn or self.joins_previous else None
+        return lead, pause_frames if self.joins_next else None
+
 
 class Segmenter:
     """Accumulates appended text and hands out segments by the rules above.

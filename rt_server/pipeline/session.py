@@ -329,11 +329,11 @@ class Session:
         assert self._start is not None
         if force:
             self._cancel_timer("idle")
-        pause = self._config.join_pause_frames
         for segment in self._segmenter.cut(force=force):
             phonemes = " ".join(segment.text.split())  # whitespace runs reach the model as one space
             if not phonemes:
                 continue
+            lead, trail = segment.pause_caps(self._config.join_pause_frames)
             job = SegmentJob(
                 session_id=self.session_id,
                 seq=self._next_seq,
@@ -342,8 +342,8 @@ class Session:
                 speed=self._start.speed,
                 first_in_turn=segment.first_in_turn,
                 submitted_at=time.monotonic(),
-                max_lead_frames=pause if segment.first_in_turn or segment.joins_previous else None,
-                max_trail_frames=pause if segment.joins_next else None,
+                max_lead_frames=lead,
+                max_trail_frames=trail,
             )
             self._next_seq += 1
             assert self._playout is not None
