@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
+import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -86,6 +87,7 @@ def session_config(settings: Settings) -> SessionConfig:
         short_first_segment=settings.short_first_segment,
         clause_min_phonemes=settings.clause_min_phonemes,
         join_pause_frames=pause_frames if settings.trim_pauses else None,
+        first_chunk_frames=math.ceil(settings.first_chunk_ms / MS_PER_DURATION_FRAME) or None,
     )
 
 

@@ -4,8 +4,9 @@
     rt-server bench --url ws://host:8000/v1/stream --server-pid 1234    # a server already running (no baseline)
 
 With `--spawn` it starts two servers from the same model arguments: ours (the settings as configured, plus any
-`--set`) and the baseline, the way existing Kokoro servers work: batching off (`max_batch_size` 1) and no short
-first segment (`short_first_segment` off: whole sentences). It runs each level against both, interleaved, and
+`--set`) and the baseline, the way existing Kokoro servers work: batching off (`max_batch_size` 1), no short
+first segment (`short_first_segment` off: whole sentences), the model's pauses kept (`trim_pauses` off) and every
+segment sent whole (`first_chunk_ms` 0). It runs each level against both, interleaved, and
 reports every figure with its ratio, ours / baseline. What the figures mean: docs/performance.md.
 """
 
@@ -37,8 +38,14 @@ from rt_server.loadgen.report import (
 from rt_server.loadgen.run import LoadOptions, Target, sweep
 from rt_server.loadgen.server_proc import SpawnedServer
 
-# Settings of the baseline server (on top of everything ours gets): one segment per model step, whole sentences.
-BASELINE_SETTINGS = {"max_batch_size": "1", "short_first_segment": "off", "trim_pauses": "off"}
+# Settings of the baseline server (on top of everything ours gets): one segment per model step, whole sentences,
+# sent whole.
+BASELINE_SETTINGS = {
+    "max_batch_size": "1",
+    "short_first_segment": "off",
+    "trim_pauses": "off",
+    "first_chunk_ms": "0",
+}
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

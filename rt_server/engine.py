@@ -57,6 +57,14 @@ class SynthesisResultLike(Protocol):
     def audio(self) -> npt.NDArray[Any]: ...
     @property
     def durations(self) -> npt.NDArray[Any]: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def total_samples(self) -> int | None: ...
+
+
+# Called by a runner, on the engine thread, with a request's index in the batch and the opening of its audio.
+OnPartial = Callable[[int, SynthesisResultLike], None]
 
 
 class ModelRunnerLike(Protocol):
@@ -73,13 +81,17 @@ class ModelRunnerLike(Protocol):
     def vocabulary(self) -> frozenset[str]: ...
     def voice_names(self) -> list[str]: ...
     def check_voice(self, spec: str) -> None: ...
-    def synthesize(self, requests: Sequence[Any]) -> Sequence[SynthesisResultLike]: ...
+    def synthesize(self, requests: Sequence[Any], on_partial: OnPartial | None = None) -> Sequence[SynthesisResultLike]:
+        """One result per request. With `on_partial`, requests that ask for a first chunk may have their
+        opening passed to it before the batch is done; their results then hold the rest."""
+        ...
+
     def warmup(self) -> None: ...
 
 
 # Builds the runner's request type:
-# (phonemes, voice, speed, seed, max_lead_frames, max_trail_frames) -> SynthesisRequest.
-RequestFactory = Callable[[str, str, float, int | None, int | None, int | None], Any]
+# (phonemes, voice, speed, seed, max_lead_frames, max_trail_frames, first_chunk_frames) -> SynthesisRequest.
+RequestFactory = Callable[[str, str, float, int | None, int | None, int | None, int | None], Any]
 
 
 @dataclass(frozen=True)
@@ -429,16 +441,28 @@ class ModelEngine:
         rng: np.random.Generator,
     ) -> None:
         seeds = {job: int(rng.integers(2**31)) if self._noise else None for job in jobs}
+        delivered: dict[SegmentJob, int] = {}  # samples already sent ahead, per job (kept across OOM retries)
 
         def run(part: Sequence[SegmentJob]) -> list[SegmentAudio]:
             requests = [
-                loaded.make_request(j.phonemes, j.voice, j.speed, seeds[j], j.max_lead_frames, j.max_trail_frames)
+                loaded.make_request(
+                    j.phonemes, j.voice, j.speed, seeds[j], j.max_lead_frames, j.max_trail_frames, j.first_chunk_frames
+                )
                 for j in part
             ]
-            results = loaded.runner.synthesize(requests)
+
+            def on_partial(index: int, result: SynthesisResultLike) -> None:
+                job = part[index]
+                audio = _plain(job, result, delivered.get(job, 0))
+                if len(audio.audio):
+                    delivered[job] = audio.offset + len(audio.audio)
+                    self._post([audio], None)
+
+            streamed = any(j.first_chunk_frames for j in part)
+            results = loaded.runner.synthesize(requests, on_partial if streamed else None)
             if len(results) != len(part):
                 raise RuntimeError(f"runner returned {len(results)} results for {len(part)} requests")
-            return [_plain(job, result) for job, result in zip(part, results, strict=True)]
+            return [_plain(job, result, delivered.get(job, 0)) for job, result in zip(part, results, strict=True)]
 
         def on_error(size: int, exc: BaseException) -> None:
             log.error("model %s: a batch of %d segments failed", self.name, size, exc_info=exc)
@@ -455,9 +479,9 @@ class ModelEngine:
                 else:
                     audio = part.results[i]
                     outcomes.append(audio)
-                    scheduler.complete(job, audio.duration_ms, time.monotonic())
+                    scheduler.complete(job, audio.total_ms, time.monotonic())
         compute_s = time.perf_counter() - started
-        audio_s = sum(o.duration_ms for o in outcomes if isinstance(o, SegmentAudio)) / 1000.0
+        audio_s = sum(o.total_ms for o in outcomes if isinstance(o, SegmentAudio)) / 1000.0
         tokens = sum(j.tokens for j in jobs)
         report = BatchReport(self.name, len(jobs), tokens, compute_s, audio_s, halving.failed, halving.splits)
         log.debug(
@@ -468,6 +492,10 @@ class ModelEngine:
             1000 * compute_s,
             audio_s,
         )
+        self._post(outcomes, report)
+
+    def _post(self, outcomes: list[SegmentOutcome], report: BatchReport | None) -> None:
+        """Hand outcomes to the event loop (from the engine thread)."""
         assert self._loop is not None
         try:
             self._loop.call_soon_threadsafe(self._dispatch, outcomes, report)
@@ -481,10 +509,15 @@ def _fail_calls(commands: Sequence[_Command], reason: str) -> None:
             command.future.set_exception(EngineStoppedError(reason))
 
 
-def _plain(job: SegmentJob, result: SynthesisResultLike) -> SegmentAudio:
-    """Copy the result into plain numpy arrays the event loop can own."""
+def _plain(job: SegmentJob, result: SynthesisResultLike, sent: int = 0) -> SegmentAudio:
+    """Copy the result into plain numpy arrays the event loop can own, without the samples before `sent`
+    (delivered ahead already)."""
     audio = np.ascontiguousarray(result.audio, dtype=np.float32).reshape(-1)
     durations = np.ascontiguousarray(result.durations, dtype=np.int64).reshape(-1)
     if len(durations) != len(job.phonemes) + 2:
         raise RuntimeError(f"runner returned {len(durations)} durations for {len(job.phonemes)} phonemes")
-    return SegmentAudio(job.session_id, job.seq, audio, durations)
+    offset = result.offset
+    total = offset + len(audio) if result.total_samples is None else result.total_samples
+    if offset > sent:
+        raise RuntimeError(f"runner skipped samples {sent}..{offset} of segment {job.seq}")
+    return SegmentAudio(job.session_id, job.seq, audio[sent - offset :], durations, max(sent, offset), total)

@@ -38,6 +38,7 @@ class BatchRecord:
 @dataclass
 class Faults:
     oom_above: int | None = None  # batches larger than this run out of memory
+    hold_after_opening: bool = False  # a batch that sends an opening ahead waits after it until `release()`
     batches: list[BatchRecord] = field(default_factory=list)
     held: threading.Event = field(default_factory=threading.Event)  # set while a HOLD batch waits
     _gate: threading.Event = field(default_factory=threading.Event)
@@ -49,7 +50,7 @@ class Faults:
         loaded = load_model(spec)
         return LoadedModel(_FaultyRunner(loaded.runner, self), loaded.make_request)
 
-    def run(self, runner: Any, requests: Any) -> Any:
+    def run(self, runner: Any, requests: Any, on_partial: Any = None) -> Any:
         phonemes = tuple(r.phonemes for r in requests)
         if any(HOLD in p for p in phonemes):
             self.held.set()
@@ -63,7 +64,15 @@ class Faults:
         if any(FAIL in p for p in phonemes):
             self.batches.append(BatchRecord(phonemes, "failed"))
             raise RuntimeError("injected model failure")
-        results = runner.synthesize(requests)
+        if self.hold_after_opening and on_partial is not None:
+            send_opening = on_partial
+
+            def on_partial(index: int, result: Any) -> None:
+                send_opening(index, result)
+                self.held.set()
+                self._gate.wait(30)
+
+        results = runner.synthesize(requests, on_partial)
         self.batches.append(BatchRecord(phonemes, "ok"))
         return results
 
@@ -76,5 +85,5 @@ class _FaultyRunner:
     def __getattr__(self, name: str) -> Any:  # everything but `synthesize` is the real runner's
         return getattr(self._runner, name)
 
-    def synthesize(self, requests: Any) -> Any:
-        return self._faults.run(self._runner, requests)
+    def synthesize(self, requests: Any, on_partial: Any = None) -> Any:
+        return self._faults.run(self._runner, requests, on_partial)

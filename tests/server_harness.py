@@ -24,8 +24,9 @@ TINY2 = ModelSpec(name="tiny2", kind="tiny", seed=1)
 
 def make_settings(**changes: Any) -> Settings:
     """Deterministic (noise off), tiny models, debug endpoints on."""
-    # trim_pauses off: tests compare with offline synthesis of whole segments (tests/test_first_segment.py
-    # covers the trimming). Batches of up to 8 even on this CPU: the tests exercise cross-session batching.
+    # trim_pauses and first_chunk_ms off: tests compare with offline synthesis of whole segments
+    # (tests/test_first_segment.py covers both). Batches of up to 8 even on this CPU: the tests exercise
+    # cross-session batching.
     base = Settings(
         models=(TINY,),
         noise=False,
@@ -33,6 +34,7 @@ def make_settings(**changes: Any) -> Settings:
         debug_endpoints=True,
         ws_ping_interval_s=0,
         trim_pauses=False,
+        first_chunk_ms=0,
         max_batch_size=8,
     )
     return base.replace(**changes)
@@ -125,10 +127,10 @@ class _PoisonedRunner:
             raise RuntimeError("injected fault")
         self._runner.check_voice(spec)
 
-    def synthesize(self, requests: Any) -> Any:
+    def synthesize(self, requests: Any, on_partial: Any = None) -> Any:
         if any(POISON in r.phonemes for r in requests):
             raise RuntimeError("injected model failure")
-        return self._runner.synthesize(requests)
+        return self._runner.synthesize(requests, on_partial)
 
 
 def poisoned_loader(spec: ModelSpec) -> LoadedModel:

@@ -23,8 +23,14 @@ def test_spawn_plan_gives_the_baseline_its_settings() -> None:
     assert plan["ours"][:2] == ["--model", "tiny"]
     assert "--short-first-segment" in plan["ours"]
     # the baseline's own settings come last, so they win over the common ones
-    assert plan["baseline"][-4:] == ["--max-batch-size", "1", "--no-short-first-segment", "--no-trim-pauses"]
-    assert BASELINE_SETTINGS == {"max_batch_size": "1", "short_first_segment": "off", "trim_pauses": "off"}
+    baseline = ["--max-batch-size", "1", "--no-short-first-segment", "--no-trim-pauses", "--first-chunk-ms", "0"]
+    assert plan["baseline"][-6:] == baseline
+    assert BASELINE_SETTINGS == {
+        "max_batch_size": "1",
+        "short_first_segment": "off",
+        "trim_pauses": "off",
+        "first_chunk_ms": "0",
+    }
     assert plan["idle"][-2:] == ["--idle-cut-ms", "100"]
     # a level above the per-client session limit raises it (every simulated client shares one address)
     many = build_parser().parse_args(["bench", "--spawn", "--sessions", "1", "100"])

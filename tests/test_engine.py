@@ -22,6 +22,8 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(30)]
 class _Result:
     audio: np.ndarray
     durations: np.ndarray
+    offset: int = 0
+    total_samples: int | None = None
 
 
 class FakeRunner:
@@ -50,7 +52,7 @@ class FakeRunner:
         if spec not in self.voice_names():
             raise ValueError(f"unknown voice {spec!r}")
 
-    def synthesize(self, requests: Sequence[Any]) -> list[_Result]:
+    def synthesize(self, requests: Sequence[Any], on_partial: Any = None) -> list[_Result]:
         self.gate.wait(10)
         self.batches.append(list(requests))
         if any("boom" in r[0] for r in requests):
@@ -65,9 +67,15 @@ class FakeRunner:
 
 
 def _request(
-    phonemes: str, voice: str, speed: float, seed: int | None, lead: int | None, trail: int | None
+    phonemes: str,
+    voice: str,
+    speed: float,
+    seed: int | None,
+    lead: int | None,
+    trail: int | None,
+    first_chunk: int | None,
 ) -> tuple[str, str, float, int | None]:
-    assert lead is None and trail is None  # these jobs set no pause caps
+    assert lead is None and trail is None and first_chunk is None  # these jobs set no pause caps or chunks
     return (phonemes, voice, speed, seed)
 
 
@@ -203,3 +211,103 @@ async def test_a_model_that_fails_to_load_fails_start() -> None:
         await engine.start()
     assert not engine.ready
     await engine.stop()
+
+
+class StreamingRunner(FakeRunner):
+    """Sends the first half of a request that asks for a first chunk ahead (`on_partial`), then waits on
+    `second` before returning the rest; above `oom_above` requests it runs out of memory after the openings."""
+
+    def __init__(self, oom_above: int | None = None) -> None:
+        super().__init__()
+        self.second = threading.Event()
+        self.second.set()
+        self.oom_above = oom_above
+        self.first_chunks: list[int | None] = []
+
+    def synthesize(self, requests: Sequence[Any], on_partial: Any = None) -> list[_Result]:
+        self.first_chunks += [r[4] for r in requests]
+        whole = super().synthesize([r[:4] for r in requests])
+        halves = [len(w.audio) // 2 if r[4] else 0 for w, r in zip(whole, requests, strict=True)]
+        if on_partial is not None:
+            for i, (w, half) in enumerate(zip(whole, halves, strict=True)):
+                if half:
+                    on_partial(i, _Result(w.audio[:half], w.durations, 0, len(w.audio)))
+        if self.oom_above is not None and len(requests) > self.oom_above:
+            raise RuntimeError("CUDA out of memory (injected)")
+        self.second.wait(10)
+        return [_Result(w.audio[half:], w.durations, half, len(w.audio)) for w, half in zip(whole, halves, strict=True)]
+
+
+def _streaming_request(
+    phonemes: str,
+    voice: str,
+    speed: float,
+    seed: int | None,
+    lead: int | None,
+    trail: int | None,
+    first_chunk: int | None,
+) -> tuple[str, str, float, int | None, int | None]:
+    return (phonemes, voice, speed, seed, first_chunk)
+
+
+async def _streaming_engine(runner: StreamingRunner, **config: Any) -> ModelEngine:
+    settings = {"max_wait_ms": 0.0, **config}
+    engine = ModelEngine(
+        "fake", lambda: LoadedModel(runner, _streaming_request), SchedulerConfig(**settings), noise=False
+    )
+    await engine.start()
+    return engine
+
+
+def _first_job(session: str, seq: int, text: str = "abcdef") -> SegmentJob:
+    return SegmentJob(session, seq, text, "v1", 1.0, True, 0.0, first_chunk_frames=2)
+
+
+async def test_a_first_chunk_is_delivered_before_its_batch_ends() -> None:
+    runner = StreamingRunner()
+    engine = await _streaming_engine(runner, max_batch_size=1)
+    a = Inbox()
+    engine.open_session("a", a)
+    runner.second.clear()  # hold the batch after the opening went out
+    engine.submit(_first_job("a", 0))
+    engine.submit(_job("a", 1))  # no first chunk asked: whole
+    (opening,) = await a.wait_for(1)
+    assert engine.stats.running == 1  # the batch is still inside the model
+    runner.second.set()
+    await a.wait_for(3)
+    await engine.stop()
+    rest, whole = a.items[1:]
+    assert isinstance(opening, SegmentAudio) and isinstance(rest, SegmentAudio) and isinstance(whole, SegmentAudio)
+    total = 600 * 8
+    assert (opening.seq, opening.offset, len(opening.audio), opening.total, opening.final) == (
+        0,
+        0,
+        total // 2,
+        total,
+        False,
+    )
+    assert (rest.seq, rest.offset, len(rest.audio), rest.final) == (0, total // 2, total // 2, True)
+    assert (whole.seq, whole.offset, whole.final) == (1, 0, True)
+    assert runner.first_chunks == [2, None]
+
+
+async def test_a_retried_batch_does_not_repeat_what_went_ahead() -> None:
+    """Out of memory after the openings went out: the halves run again and send their openings again to the
+    runner's callback; the engine passes on only the samples not yet delivered."""
+    runner = StreamingRunner(oom_above=1)
+    engine = await _streaming_engine(runner, max_batch_size=2, max_wait_ms=50.0)
+    a, b = Inbox(), Inbox()
+    engine.open_session("a", a)
+    engine.open_session("b", b)
+    engine.submit(_first_job("a", 0))
+    engine.submit(_first_job("b", 0, "abcdefgh"))
+    for inbox, total in ((a, 600 * 8), (b, 600 * 10)):
+        parts = await inbox.wait_for(2)
+        assert all(isinstance(p, SegmentAudio) for p in parts)
+        audio = [p for p in parts if isinstance(p, SegmentAudio)]
+        assert [(p.offset, len(p.audio)) for p in audio] == [(0, total // 2), (total // 2, total // 2)]
+        assert np.concatenate([p.audio for p in audio]).shape == (total,)
+    await asyncio.sleep(0.05)
+    await engine.stop()
+    assert len(a.items) == len(b.items) == 2
+    assert [len(batch) for batch in runner.batches] == [2, 1, 1]

@@ -103,8 +103,9 @@ async def test_pauses_are_cut_before_the_first_word_and_where_a_sentence_is_cut(
 
 def test_trimmed_audio_is_the_untrimmed_audio_with_silence_cut() -> None:
     """The model synthesises the full boundary and cuts it in the audio (capping the durations before the
-    decoder garbled words; see `_trim_boundaries`): what is kept equals the untrimmed audio, but for a 5 ms
-    fade at each cut."""
+    decoder garbled words; see `_trim_boundaries`). The cut here is within the generator's context
+    (`GENERATOR_CONTEXT_FRAMES`; tests/test_model_stream.py covers longer cuts), so what is kept equals the
+    untrimmed audio, but for a 5 ms fade at each cut."""
     from rt_server.model.runner import SynthesisRequest, tiny_runner
 
     runner = tiny_runner(seed=0)
@@ -124,3 +125,53 @@ def test_pause_settings_read_from_the_environment() -> None:
     assert session_config(Settings()).join_pause_frames == 2
     assert session_config(Settings.from_sources({"RT_SERVER_JOIN_PAUSE_MS": "100"})).join_pause_frames == 4
     assert session_config(Settings.from_sources({"RT_SERVER_TRIM_PAUSES": "off"})).join_pause_frames is None
+
+
+@pytest.mark.asyncio
+async def test_the_opening_of_a_turn_is_sent_before_its_segment_is_done() -> None:
+    """`first_chunk_ms`: the first segment's opening reaches the client while the model is still on the rest
+    (held there by fault injection), then the rest follows; what the client gets is the runner's streamed
+    output, announced once with the whole segment's duration."""
+    from fault_injection import Faults
+
+    from rt_server.model.runner import SynthesisRequest, SynthesisResult, tiny_runner
+
+    faults = Faults(hold_after_opening=True)
+    settings = make_settings(first_segment_min_phonemes=8, trim_pauses=True, first_chunk_ms=50)
+    server = start_server(settings, loader=faults.loader)
+    try:
+        async with asyncio.timeout(60), websockets.connect(server.url, compression=None) as ws:
+            await ws.send(json.dumps({"type": "start", "alignment": True, "encoding": "pcm_f32le"}))
+            assert json.loads(await ws.recv())["type"] == "ready"
+            for word in SENTENCE.split()[:2]:
+                await ws.send(json.dumps({"type": "phonemes", "text": word + " "}))
+            segment = json.loads(await ws.recv())
+            assert segment["type"] == "segment" and segment["phonemes"] == "ðə kwˈɪk"
+            opening = await ws.recv()
+            assert isinstance(opening, bytes)
+            assert faults.held.is_set()  # the engine is still inside the batch, after the opening
+            faults.release()
+            await ws.send(json.dumps({"type": "close"}))
+            got = await receive_until_closed(ws)
+    finally:
+        faults.release()
+        await asyncio.to_thread(server.stop)
+    assert got.close_code == 1000
+    assert [e["type"] for e in got.events] == ["done"]
+    audio = np.frombuffer(opening + b"".join(got.frames), "<f4")
+
+    runner = tiny_runner(seed=0)
+    parts: list[SynthesisResult] = []
+    request = SynthesisRequest("ðə kwˈɪk", "af_test", 1.0, None, 2, 2, first_chunk_frames=2)
+    rest = runner.synthesize([request], lambda _, part: parts.append(part))[0]
+    assert len(parts) == 1 and parts[0].offset == 0 and rest.offset == len(parts[0].audio) > 0
+    np.testing.assert_allclose(audio, np.concatenate([parts[0].audio, rest.audio]), atol=1e-6)
+    assert segment["duration_ms"] == len(audio) / 24
+
+
+def test_first_chunk_setting() -> None:
+    assert session_config(Settings()).first_chunk_frames == 12  # 300 ms
+    assert session_config(Settings.from_sources({"RT_SERVER_FIRST_CHUNK_MS": "0"})).first_chunk_frames is None
+    assert session_config(Settings(first_chunk_ms=60)).first_chunk_frames == 3  # whole frames, rounded up
+    with pytest.raises(ValueError, match="first_chunk_ms must not be negative"):
+        Settings(first_chunk_ms=-1)

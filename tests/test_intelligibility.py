@@ -264,19 +264,23 @@ def test_streamed_segments_with_trimmed_pauses_are_intelligible(
 ) -> None:
     """What the server sends by default: each sentence streamed word by word and cut as the server cuts it (a
     short first segment, `first_segment_min_phonemes=12`), the boundary silences cut where the segments join and
-    before the first word (`trim_pauses`), synthesised in bf16 and played back to back after 0.3 s of the
-    player's silence. Whisper must understand the joined audio as well as the tier requires, and the cuts must
-    hold. (Shortening the boundary durations inside the model instead garbled first and last words: WER
-    15-30 %; see `_trim_boundaries` in rt_server/model/kmodel.py.)"""
+    before the first word (`trim_pauses`), the first segment's generator run in two windows (`first_chunk_ms`,
+    `KModel.stream_batch`), synthesised in bf16 and played back to back after 0.3 s of the player's silence.
+    Whisper must understand the joined audio as well as the tier requires, the cuts must hold, and the windowed
+    first segment must stay close to its single-window synthesis (log-mel correlation, printed). (Shortening
+    the boundary durations inside the model instead garbled first and last words: WER 15-30 %; see
+    `_trim_boundaries` in rt_server/model/kmodel.py.)"""
     import torch
+    from audio_metrics import log_mel, spectral_correlation
 
     from rt_server.model.voices import load_voice_file, style_row
     from rt_server.pipeline.segmenter import Segmenter
 
     pause = 2  # the default join_pause_ms (50) in frames
+    first_chunk = 12  # the default first_chunk_ms (300) in frames
     path = _voice_path(imported, voice)
     pack = load_voice_file(path)[path.stem]
-    pairs, longer = [], []
+    pairs, longer, correlations, distances = [], [], [], []
     for text, phonemes in SENTENCES:
         segmenter = Segmenter(max_phonemes=510, first_segment_min_phonemes=12, clause_min_phonemes=100)
         segments = []
@@ -295,7 +299,16 @@ def test_streamed_segments_with_trimmed_pauses_are_intelligible(
             assert int(out.pred_dur[0]) <= pause
             if segment.joins_next:
                 assert int(out.pred_dur[-1]) <= pause
-            pieces.append(out.audio.numpy())
+            audio = out.audio.numpy()
+            if segment.first_in_turn:  # as the server sends it: the opening (300 ms or more), then the rest
+                (opening,), (rest,) = imported_bf16.stream_batch([item], [first_chunk])
+                assert len(opening.audio) >= first_chunk * 600 and rest.offset == len(opening.audio)
+                streamed = np.concatenate([opening.audio.numpy(), rest.audio.numpy()])
+                assert len(streamed) == len(audio)
+                correlations.append(spectral_correlation(streamed, audio))
+                distances.append(float(np.abs(log_mel(streamed) - log_mel(audio)).mean()))
+                audio = streamed
+            pieces.append(audio)
             frames += int(out.pred_dur.sum())
         whole = imported_bf16.item(phonemes, torch.from_numpy(style_row(pack, phonemes))[None], noise=False)
         longer.append(frames / sum(int(o.pred_dur.sum()) for o in imported_bf16.forward_batch([whole])) - 1.0)
@@ -304,6 +317,8 @@ def test_streamed_segments_with_trimmed_pauses_are_intelligible(
     report = "\n".join(f"  {text!r} -> {hyp!r}" for text, hyp in pairs)
     print(
         f"\n{voice} streamed, trimmed pauses: WER {100 * wer:.1f} %, audio {100 * np.mean(longer):+.0f} % "
-        f"against the whole sentence\n{report}"
+        f"against the whole sentence; first segment in two windows against one: log-mel correlation "
+        f"{min(correlations):.4f}-{max(correlations):.4f}, |dlogmel| {np.mean(distances):.3f}\n{report}"
     )
     assert wer <= MAX_WER, f"{voice} streamed: WER {100 * wer:.1f} % > {100 * MAX_WER:.0f} %\n{report}"
+    assert len(correlations) == len(SENTENCES) and min(correlations) >= 0.95

@@ -202,15 +202,25 @@ class Generator(nn.Module):
 
     def forward(self, x: Tensor, s: Tensor, f0: Tensor, geo: FrameGeometry, noise: Sequence[Tensor | None]) -> Tensor:
         """x: [B, C, 2F]; f0: [B, 2F] in Hz (zero on padding). Returns audio [B, 600F]."""
+        return self.synthesize(x, s, self.harmonic_source(f0, geo, noise).to(x.dtype), geo)
+
+    def harmonic_source(self, f0: Tensor, geo: FrameGeometry, noise: Sequence[Tensor | None]) -> Tensor:
+        """The sine source's STFT, magnitude and phase stacked: [B, n_fft + 2, 120F + 1] float32, frame j
+        centred on sample `hop * j` (zero past each item's end). Frames [120a, 120b] of it are what
+        `synthesize` needs for the audio of duration frames [a, b) (see `KModel` windows)."""
         samples_per_f0 = self.m_source.upsample_scale
         f0_up = f0.repeat_interleave(samples_per_f0, dim=1)  # nearest x300
         source = self.m_source(f0_up, geo.samples if geo.padded else None, noise)
         with torch.autocast(device_type=source.device.type, enabled=False):
             mag, phase = stft_magnitude_phase(source.float(), geo.samples if geo.padded else None, self.n_fft, self.hop)
-        n_frames = mag.shape[-1]  # 120F + 1: one STFT frame per hop, plus the centred edge frame
-        stft_mask = geo.mask(2 * math.prod(self.cfg.upsample_rates), n_frames, extra=1)
-        har = apply_mask(torch.cat([mag, phase], dim=1).to(x.dtype), stft_mask)
+        stft_mask = geo.mask(2 * math.prod(self.cfg.upsample_rates), mag.shape[-1], extra=1)
+        return apply_mask(torch.cat([mag, phase], dim=1), stft_mask)
 
+    def synthesize(self, x: Tensor, s: Tensor, har: Tensor, geo: FrameGeometry) -> Tensor:
+        """x: [B, C, 2F] decoder features; har: `harmonic_source` [B, n_fft + 2, 120F + 1] in x's dtype.
+        Returns audio [B, 600F]."""
+        n_frames = har.shape[-1]  # 120F + 1: one STFT frame per hop, plus the centred edge frame
+        stft_mask = geo.mask(2 * math.prod(self.cfg.upsample_rates), n_frames, extra=1)
         scale = 2
         for i, rate in enumerate(self.cfg.upsample_rates):
             x = F.leaky_relu(x, 0.1)
@@ -262,6 +272,10 @@ class Decoder(nn.Module):
         noise: Sequence[Tensor | None],
     ) -> Tensor:
         """asr: [B, C, F]; curves: [B, 2F] (zero on padding). Returns audio [B, 600F]."""
+        return self.generator(self.features(asr, f0_curve, n_curve, s, geo), s, f0_curve, geo, noise)
+
+    def features(self, asr: Tensor, f0_curve: Tensor, n_curve: Tensor, s: Tensor, geo: FrameGeometry) -> Tensor:
+        """The generator's input [B, C, 2F] (zero on padding): the AdaIN residual stacks at frame rate."""
         mask = geo.mask(1, asr.shape[-1])
         mask2 = geo.mask(2, f0_curve.shape[-1])
         f0 = apply_mask(self.F0_conv(f0_curve[:, None]), mask)
@@ -275,4 +289,4 @@ class Decoder(nn.Module):
                 x = torch.cat([x, asr_res, f0, n], dim=1)
             x = block(x, s, mask, mask2 if block.upsample else mask)
             upsampled = upsampled or block.upsample
-        return self.generator(apply_mask(x, mask2), s, f0_curve, geo, noise)
+        return apply_mask(x, mask2)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from rt_server.model.config import SAMPLE_RATE_HZ, tiny_config_dict
-from rt_server.model.kmodel import KModel, resolve_device, resolve_precision
+from rt_server.model.kmodel import Chunk, KModel, resolve_device, resolve_precision
 from rt_server.model.voices import PACK_ROWS, STYLE_DIM, VoiceLibrary, style_row
 
 log = logging.getLogger(__name__)
@@ -34,12 +34,16 @@ class SynthesisRequest:
     seed: int | None = None  # None: sine-source noise off (deterministic); an int seeds the noise
     max_lead_frames: int | None = None  # cap on the leading boundary silence (see `BatchItem`)
     max_trail_frames: int | None = None  # cap on the trailing boundary silence
+    # Hand the opening (at least this many frames) to `on_partial` before the rest; None: all at once
+    first_chunk_frames: int | None = None
 
 
 @dataclass(frozen=True)
 class SynthesisResult:
-    audio: np.ndarray  # float32 mono at 24 kHz, len == 600 * durations.sum()
+    audio: np.ndarray  # float32 mono at 24 kHz: samples [offset, offset + len) of the segment
     durations: np.ndarray  # int64 frames per token, boundary tokens included (len == len(phonemes) + 2)
+    offset: int = 0  # > 0: the opening went to `on_partial`
+    total_samples: int | None = None  # the whole segment, 600 * durations.sum(); None: len(audio)
 
 
 class ModelRunner:
@@ -70,8 +74,16 @@ class ModelRunner:
         """Raise `VoiceError` with a clear message if `spec` is not a known voice or a valid blend of them."""
         self.voices.pack(spec)
 
-    def synthesize(self, requests: Sequence[SynthesisRequest]) -> list[SynthesisResult]:
-        """Synthesise one batch in a single forward pass. Raises if the batch fails (all of it)."""
+    def synthesize(
+        self,
+        requests: Sequence[SynthesisRequest],
+        on_partial: Callable[[int, SynthesisResult], None] | None = None,
+    ) -> list[SynthesisResult]:
+        """Synthesise one batch in a single forward pass. Raises if the batch fails (all of it).
+
+        With `on_partial` and a request that sets `first_chunk_frames`, the generator runs in two windows
+        (`KModel.stream_batch`): the opening of each such request's audio goes to `on_partial(index, result)`
+        as soon as the first window is done, and its result holds the rest."""
         items = []
         for req in requests:
             style = torch.from_numpy(style_row(self.voices.pack(req.voice), req.phonemes).copy())
@@ -87,8 +99,15 @@ class ModelRunner:
                     max_trail_frames=req.max_trail_frames,
                 )
             )
-        outputs = self.model.forward_batch(items)
-        return [SynthesisResult(o.audio.numpy(), o.pred_dur.numpy().astype(np.int64)) for o in outputs]
+        first = [req.first_chunk_frames for req in requests]
+        if on_partial is None or not any(first):
+            outputs = self.model.forward_batch(items)
+            return [SynthesisResult(o.audio.numpy(), o.pred_dur.numpy().astype(np.int64)) for o in outputs]
+        windows = self.model.stream_batch(items, first)
+        for index, chunk in enumerate(next(windows)):  # the openings, out before the second window runs
+            if len(chunk.audio):
+                on_partial(index, _result(chunk))
+        return [_result(chunk) for chunk in next(windows)]
 
     def warmup(self) -> None:
         """A sentence-length synthesis, so the first real request does not pay for lazy initialisation
@@ -96,6 +115,12 @@ class ModelRunner:
         model whose vocabulary lacks the sentence's symbols."""
         phonemes = "hˈɛloʊ" if self.unknown_symbols(WARMUP_SENTENCE) else WARMUP_SENTENCE
         self.synthesize([SynthesisRequest(phonemes, self.voice_names()[0])])
+
+
+def _result(chunk: Chunk) -> SynthesisResult:
+    return SynthesisResult(
+        chunk.audio.numpy(), chunk.pred_dur.numpy().astype(np.int64), chunk.offset, chunk.total_samples
+    )
 
 
 def random_voice_pack(seed: int) -> np.ndarray:

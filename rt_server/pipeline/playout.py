@@ -52,8 +52,8 @@ class Playout:
                     self.tickets.pop()
                     failures.append(ErrorEvent(ErrorCode.SYNTHESIS_FAILED, f"segment {ticket.seq}: {ticket.failed}"))
                     continue
-                if ticket.audio is None:
-                    break  # still being synthesised
+                if ticket.remaining_samples == 0 and not ticket.complete:
+                    break  # (the rest) still being synthesised
                 self._frame_segment(ticket)
             else:
                 self.tickets.pop()
@@ -73,7 +73,7 @@ class Playout:
         room_ms = self.max_buffer_ms - self.outbox.audio_ms
         for frame in self.audio.push(ticket.take(room_ms)):
             self.outbox.push(frame)
-        if ticket.remaining_samples == 0:
+        if ticket.remaining_samples == 0 and ticket.complete:
             self.tickets.pop()
 
     def _end_stream(self) -> None:

@@ -344,6 +344,7 @@ class Session:
                 submitted_at=time.monotonic(),
                 max_lead_frames=lead,
                 max_trail_frames=trail,
+                first_chunk_frames=self._config.first_chunk_frames if segment.first_in_turn else None,
             )
             self._next_seq += 1
             assert self._playout is not None

@@ -1,7 +1,8 @@
 """A session's pending output, in submission order: segments (waiting for or holding audio), flushes, close.
 
 Pure. Bound: the session admits at most `max_pending_tickets` tickets; a segment ticket holds one segment's
-audio (at most 510 phonemes' worth) until the pump has framed it.
+audio (at most 510 phonemes' worth) until the pump has framed it. A segment's audio may come in parts (its
+opening first, for a turn's first segment): the pump frames what has come and waits for the rest.
 """
 
 from __future__ import annotations
@@ -29,15 +30,31 @@ MIN_CHUNK_SAMPLES = 480
 class SegmentTicket:
     seq: int
     phonemes: str
-    audio: npt.NDArray[np.float32] | None = None
+    audio: npt.NDArray[np.float32] | None = None  # received so far: all of it, or its opening
     durations: npt.NDArray[np.int64] | None = None
+    total_samples: int = 0  # the whole segment's audio, once the first part is in
     failed: str | None = None
     announced: bool = False
     offset: int = 0  # samples of `audio` already handed to the output chain
 
     @property
     def remaining_samples(self) -> int:
+        """Received and not yet handed on."""
         return 0 if self.audio is None else len(self.audio) - self.offset
+
+    @property
+    def complete(self) -> bool:
+        """All of the segment's audio is in."""
+        return self.audio is not None and len(self.audio) == self.total_samples
+
+    def receive(self, part: SegmentAudio) -> None:
+        """Add a part of the audio (the whole of it, or its opening, or what follows what is here)."""
+        have = 0 if self.audio is None else len(self.audio)
+        if part.offset > have:
+            raise ValueError(f"segment {self.seq}: part at sample {part.offset} after only {have} received")
+        new = part.audio[have - part.offset :]
+        self.audio = new if self.audio is None else np.concatenate([self.audio, new])
+        self.durations, self.total_samples = part.durations, part.total
 
     def take(self, room_ms: float) -> npt.NDArray[np.float32]:
         """The next chunk of audio: about `room_ms` of it, at least MIN_CHUNK_SAMPLES, at most what is
@@ -59,7 +76,7 @@ class SegmentTicket:
             seq=self.seq,
             phonemes=self.phonemes,
             start_ms=start_ms,
-            duration_ms=len(self.audio) * 1000.0 / SOURCE_SAMPLE_RATE_HZ,
+            duration_ms=self.total_samples * 1000.0 / SOURCE_SAMPLE_RATE_HZ,
             timings=timings,
         )
 
@@ -100,11 +117,12 @@ class Tickets:
         return bool(self._queue)
 
     def resolve(self, outcome: SegmentOutcome) -> bool:
-        """Attach an outcome to its segment ticket; False if there is none (cleared meanwhile)."""
+        """Attach an outcome (a failure, or audio: all of it or a part) to its segment ticket; False if there
+        is none (cleared meanwhile)."""
         for ticket in self._queue:
             if isinstance(ticket, SegmentTicket) and ticket.seq == outcome.seq:
                 if isinstance(outcome, SegmentAudio):
-                    ticket.audio, ticket.durations = outcome.audio, outcome.durations
+                    ticket.receive(outcome)
                 else:
                     ticket.failed = outcome.message
                 return True

@@ -1,0 +1,132 @@
+"""Generator windows: `forward_batch` spares the generator most of a cut boundary silence, and `stream_batch`
+delivers an item's opening before the rest (tiny model, random weights; quality with the real weights is in
+tests/test_intelligibility.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rt_server.model.config import SAMPLES_PER_FRAME, load_config
+from rt_server.model.istftnet import FrameGeometry
+from rt_server.model.kmodel import GENERATOR_CONTEXT_FRAMES, BatchItem, Chunk, KModel
+from rt_server.model.runner import tiny_model
+
+SLOW = 0.4  # the tiny model's boundary durations are 4 frames at speed 1: slower, they are long enough to cut
+PHONEMES = ("ðə kwˈɪk bɹˈWn fˈɑks", "hˈɛlO", "ʤˈʌmps ˌOvəɹ ðə lˈAzi dˈɔɡ ænd ðə kˈæt")
+
+
+@pytest.fixture(scope="module")
+def model() -> KModel:
+    return tiny_model(seed=0)
+
+
+def _items(model: KModel, caps: tuple[int | None, int | None] = (None, None), speed: float = 1.0) -> list[BatchItem]:
+    style = torch.randn(256, generator=torch.Generator().manual_seed(1)) * 0.15
+    return [
+        model.item(p, style, speed, noise=False, max_lead_frames=caps[0], max_trail_frames=caps[1]) for p in PHONEMES
+    ]
+
+
+def _stream(model: KModel, items: list[BatchItem], first: list[int | None]) -> tuple[list[Chunk], list[Chunk]]:
+    windows = list(model.stream_batch(items, first))
+    assert len(windows) == 2, "stream_batch yields the openings, then the rest"
+    return windows[0], windows[1]
+
+
+def test_generator_context_covers_the_generators_reach() -> None:
+    """The context a window runs beyond its audio covers how far the generator's convolutions reach (one side,
+    in 24 kHz samples, from the published config), so edge effects stay in the discarded context."""
+    cfg = load_config(None).istftnet
+    per_position = SAMPLES_PER_FRAME // 2  # the generator's input: 2 positions per duration frame
+    reach = 0.0
+    resblocks = list(zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes, strict=True))
+    for rate, kernel in zip(cfg.upsample_rates, cfg.upsample_kernel_sizes, strict=True):
+        per_position //= rate
+        reach += kernel / 2 * per_position  # the transposed convolution
+        reach += max(sum((k - 1) * d / 2 + (k - 1) / 2 for d in dil) for k, dil in resblocks) * per_position
+    reach += 3 * per_position + cfg.gen_istft_n_fft / 2  # conv_post (kernel 7) and the inverse STFT
+    assert per_position == cfg.gen_istft_hop_size
+    assert reach <= GENERATOR_CONTEXT_FRAMES * SAMPLES_PER_FRAME, f"reach {reach:.0f} samples"
+    assert reach > (GENERATOR_CONTEXT_FRAMES - 1) * SAMPLES_PER_FRAME  # and is not far more than needed
+
+
+@pytest.fixture
+def generator_calls(model: KModel, monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
+    """The frames of each item in each call of the generator (observed, the call goes through)."""
+    calls: list[list[int]] = []
+    generator = model.decoder.generator
+    synthesize = generator.synthesize
+
+    def spy(x: torch.Tensor, s: torch.Tensor, har: torch.Tensor, geo: FrameGeometry) -> torch.Tensor:
+        calls.append([int(f) for f in geo.frames])
+        return synthesize(x, s, har, geo)
+
+    monkeypatch.setattr(generator, "synthesize", spy)
+    return calls
+
+
+def test_forward_batch_runs_the_generator_on_whole_items(model: KModel, generator_calls: list[list[int]]) -> None:
+    """Cut boundary silence is still synthesised (cropping it made the audio quieter with the real weights,
+    see `_trim_boundaries`): one generator call over every item's whole frames, then the cut."""
+    whole = model.forward_batch(_items(model, speed=SLOW))
+    cut = model.forward_batch(_items(model, (1, 1), speed=SLOW))
+    assert generator_calls == [[int(w.pred_dur.sum()) for w in whole]] * 2
+    for full, out in zip(whole, cut, strict=True):
+        assert int(out.pred_dur[0]) == int(out.pred_dur[-1]) == 1
+        assert torch.equal(out.pred_dur[1:-1], full.pred_dur[1:-1])
+        assert len(out.audio) == SAMPLES_PER_FRAME * int(out.pred_dur.sum())
+
+
+@pytest.mark.parametrize("caps", [(None, None), (2, 2)])
+def test_stream_parts_add_up_to_the_segment(model: KModel, caps: tuple[int | None, int | None]) -> None:
+    items = _items(model, caps, speed=SLOW)
+    reference = model.forward_batch(items)
+    first: list[int | None] = [3, None, 1]
+    openings, rests = _stream(model, items, first)
+    for i, (ref, opening, rest) in enumerate(zip(reference, openings, rests, strict=True)):
+        total = len(ref.audio)
+        assert opening.total_samples == rest.total_samples == total
+        assert torch.equal(opening.pred_dur, ref.pred_dur) and torch.equal(rest.pred_dur, ref.pred_dur)
+        assert opening.offset == 0 and rest.offset == len(opening.audio)
+        assert rest.offset + len(rest.audio) == total
+        kept = total // SAMPLES_PER_FRAME
+        requested = first[i]
+        if requested is None:  # not asked for: nothing ahead, the whole audio after
+            assert len(opening.audio) == 0
+            torch.testing.assert_close(rest.audio, ref.audio, rtol=0, atol=1e-6)
+            continue
+        expected = max(requested, math.ceil(kept / 3))
+        if kept - expected > GENERATOR_CONTEXT_FRAMES:
+            assert len(opening.audio) == expected * SAMPLES_PER_FRAME
+        else:  # too short to split: all of it in the second part
+            assert len(opening.audio) == 0
+    assert any(len(o.audio) for o in openings), "no item was split: make the phonemes longer"
+
+
+@pytest.mark.parametrize(("first", "caps"), [(1, (2, 2)), (1, (None, None)), (2, (1000, 1000))])
+def test_the_opening_needs_only_its_own_window(
+    model: KModel, generator_calls: list[list[int]], first: int, caps: tuple[int | None, int | None]
+) -> None:
+    """One item (the CPU's batch size): the first generator call runs from the item's start to the context past
+    the split, so the opening costs a fraction of the item; the second from the context before the split on."""
+    item = _items(model, caps, speed=SLOW)[2]
+    reference = model.forward_batch([item])[0]
+    whole = model.forward_batch([_items(model, speed=SLOW)[2]])[0]
+    lead = int(whole.pred_dur[0]) - int(reference.pred_dur[0])  # frames cut before the first phoneme
+    frames, kept = int(whole.pred_dur.sum()), int(reference.pred_dur.sum())
+    generator_calls.clear()
+    (opening,), (rest,) = _stream(model, [item], [first])
+    n = len(opening.audio) // SAMPLES_PER_FRAME
+    cut, context = lead + n, GENERATOR_CONTEXT_FRAMES
+    assert n == max(first, math.ceil(kept / 3))
+    assert generator_calls == [[cut + context], [frames - max(0, cut - context)]]
+    assert frames > 2 * (cut + context)  # the opening's window is well under half the item
+    assert len(rest.audio) == SAMPLES_PER_FRAME * (kept - n)
+    assert float(torch.cat([opening.audio, rest.audio]).abs().max()) < 1.0
+
+
+def test_nothing_to_stream(model: KModel) -> None:
+    assert list(model.stream_batch([], [])) == []
