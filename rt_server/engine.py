@@ -457,6 +457,12 @@ class ModelEngine:
                 if len(audio.audio):
                     delivered[job] = audio.offset + len(audio.audio)
                     self._post([audio], None)
+                    log.debug(
+                        "model %s: opening of %.2f s sent after %.0f ms",
+                        self.name,
+                        audio.duration_ms / 1000.0,
+                        1000 * (time.perf_counter() - started),
+                    )
 
             streamed = any(j.first_chunk_frames for j in part)
             results = loaded.runner.synthesize(requests, on_partial if streamed else None)

@@ -137,7 +137,9 @@ async def test_the_opening_of_a_turn_is_sent_before_its_segment_is_done() -> Non
     from rt_server.model.runner import SynthesisRequest, SynthesisResult, tiny_runner
 
     faults = Faults(hold_after_opening=True)
-    settings = make_settings(first_segment_min_phonemes=8, trim_pauses=True, first_chunk_ms=50)
+    # 450 ms = 18 frames, half of the segment's 36: the opening is those 18 frames whatever share of the segment
+    # the server's runner picks at its measured speed (at most half; `ModelRunner.opening_share`)
+    settings = make_settings(first_segment_min_phonemes=8, trim_pauses=True, first_chunk_ms=450)
     server = start_server(settings, loader=faults.loader)
     try:
         async with asyncio.timeout(60), websockets.connect(server.url, compression=None) as ws:
@@ -162,9 +164,10 @@ async def test_the_opening_of_a_turn_is_sent_before_its_segment_is_done() -> Non
 
     runner = tiny_runner(seed=0)
     parts: list[SynthesisResult] = []
-    request = SynthesisRequest("ðə kwˈɪk", "af_test", 1.0, None, 2, 2, first_chunk_frames=2)
+    request = SynthesisRequest("ðə kwˈɪk", "af_test", 1.0, None, 2, 2, first_chunk_frames=18)
     rest = runner.synthesize([request], lambda _, part: parts.append(part))[0]
-    assert len(parts) == 1 and parts[0].offset == 0 and rest.offset == len(parts[0].audio) > 0
+    assert len(parts) == 1 and parts[0].offset == 0 and rest.offset == len(parts[0].audio) == 18 * 600
+    assert rest.total_samples == 36 * 600
     np.testing.assert_allclose(audio, np.concatenate([parts[0].audio, rest.audio]), atol=1e-6)
     assert segment["duration_ms"] == len(audio) / 24
 

@@ -130,3 +130,24 @@ def test_the_opening_needs_only_its_own_window(
 
 def test_nothing_to_stream(model: KModel) -> None:
     assert list(model.stream_batch([], [])) == []
+
+
+def test_the_runner_sizes_the_opening_by_its_measured_speed() -> None:
+    """The opening grows with the runner's real-time factor r, so the rest (r times its audio) is ready before
+    the opening has played: f = r / (0.75 + r), between 0.1 and 0.5; a third before anything was measured."""
+    from rt_server.model.runner import SynthesisRequest, tiny_runner
+
+    runner = tiny_runner(seed=0)
+    assert runner.rtf is None and runner.opening_share() == pytest.approx(1 / 3)
+    for rtf, share in ((0.01, 0.1), (0.25, 0.25), (0.75, 0.5), (3.0, 0.5)):
+        runner.rtf = rtf
+        assert runner.opening_share() == pytest.approx(share)
+    runner.rtf = 0.25  # unclamped: the rest's synthesis takes exactly three quarters of the opening's playing time
+    assert 0.25 * (1 - runner.opening_share()) == pytest.approx(0.75 * runner.opening_share())
+    runner.rtf = None
+    parts: list[object] = []
+    request = SynthesisRequest("ʤˈʌmps ˌOvəɹ ðə lˈAzi dˈɔɡ", "af_test", 1.0, None, 2, 2, first_chunk_frames=1)
+    rest = runner.synthesize([request], lambda _, part: parts.append(part))[0]
+    assert runner.rtf is not None and runner.rtf > 0  # measured on that pass
+    assert len(parts) == 1 and rest.offset > 0
+    assert rest.offset == 600 * math.ceil(rest.total_samples / 600 / 3)  # a third, before the measurement

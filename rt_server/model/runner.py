@@ -22,6 +22,8 @@ from rt_server.model.voices import PACK_ROWS, STYLE_DIM, VoiceLibrary, style_row
 
 log = logging.getLogger(__name__)
 
+# `ModelRunner.opening_share`: the opening must outlast the rest's synthesis by this factor's inverse.
+OPENING_SLACK = 0.75
 # A sentence of typical length in Kokoro's English phonemes, for the warm-up.
 WARMUP_SENTENCE = "ðə kwˈɪk bɹˈWn fˈɑks ʤˈʌmps ˌOvəɹ ðə lˈAzi dˈɔɡ."
 
@@ -59,6 +61,15 @@ class ModelRunner:
         self.name = name
         self.max_phonemes = model.max_phonemes
         self.device_type = model.device.type
+        self.rtf: float | None = None  # compute seconds per audio second, smoothed over the passes so far
+
+    def opening_share(self) -> float:
+        """The share of an item's audio that goes ahead in `stream_batch`: enough that the rest is synthesised
+        before the opening has played, with a quarter to spare, at this runner's measured speed r (the rest,
+        (1 - f) of the audio, takes about r (1 - f); it must fit in 0.75 f). A third until measured."""
+        if self.rtf is None:
+            return 1 / 3
+        return min(0.5, max(0.1, self.rtf / (OPENING_SLACK + self.rtf)))
 
     def unknown_symbols(self, phonemes: str) -> list[str]:
         return self.model.unknown_symbols(phonemes)
@@ -100,14 +111,21 @@ class ModelRunner:
                 )
             )
         first = [req.first_chunk_frames for req in requests]
+        started = time.perf_counter()
         if on_partial is None or not any(first):
             outputs = self.model.forward_batch(items)
-            return [SynthesisResult(o.audio.numpy(), o.pred_dur.numpy().astype(np.int64)) for o in outputs]
-        windows = self.model.stream_batch(items, first)
-        for index, chunk in enumerate(next(windows)):  # the openings, out before the second window runs
-            if len(chunk.audio):
-                on_partial(index, _result(chunk))
-        return [_result(chunk) for chunk in next(windows)]
+            results = [SynthesisResult(o.audio.numpy(), o.pred_dur.numpy().astype(np.int64)) for o in outputs]
+        else:
+            windows = self.model.stream_batch(items, first, first_share=self.opening_share())
+            for index, chunk in enumerate(next(windows)):  # the openings, out before the second window runs
+                if len(chunk.audio):
+                    on_partial(index, _result(chunk))
+            results = [_result(chunk) for chunk in next(windows)]
+        audio_s = sum(r.offset + len(r.audio) for r in results) / SAMPLE_RATE_HZ
+        if audio_s > 0:
+            rtf = (time.perf_counter() - started) / audio_s
+            self.rtf = rtf if self.rtf is None else 0.8 * self.rtf + 0.2 * rtf
+        return results
 
     def warmup(self) -> None:
         """A sentence-length synthesis, so the first real request does not pay for lazy initialisation
