@@ -442,11 +442,20 @@ class ModelEngine:
     ) -> None:
         seeds = {job: int(rng.integers(2**31)) if self._noise else None for job in jobs}
         delivered: dict[SegmentJob, int] = {}  # samples already sent ahead, per job (kept across OOM retries)
+        # An opening sent ahead costs a second generator pass and starts the listener's clock earlier; when
+        # another session is waiting for the model, that would be paid in its underruns: the segment goes whole.
+        ahead = not scheduler.others_waiting({j.session_id for j in jobs})
 
         def run(part: Sequence[SegmentJob]) -> list[SegmentAudio]:
             requests = [
                 loaded.make_request(
-                    j.phonemes, j.voice, j.speed, seeds[j], j.max_lead_frames, j.max_trail_frames, j.first_chunk_frames
+                    j.phonemes,
+                    j.voice,
+                    j.speed,
+                    seeds[j],
+                    j.max_lead_frames,
+                    j.max_trail_frames,
+                    j.first_chunk_frames if ahead else None,
                 )
                 for j in part
             ]
@@ -464,7 +473,7 @@ class ModelEngine:
                         1000 * (time.perf_counter() - started),
                     )
 
-            streamed = any(j.first_chunk_frames for j in part)
+            streamed = ahead and any(j.first_chunk_frames for j in part)
             results = loaded.runner.synthesize(requests, on_partial if streamed else None)
             if len(results) != len(part):
                 raise RuntimeError(f"runner returned {len(results)} results for {len(part)} requests")

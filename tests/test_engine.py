@@ -311,3 +311,29 @@ async def test_a_retried_batch_does_not_repeat_what_went_ahead() -> None:
     await engine.stop()
     assert len(a.items) == len(b.items) == 2
     assert [len(batch) for batch in runner.batches] == [2, 1, 1]
+
+
+async def test_an_opening_goes_ahead_only_when_no_other_session_waits() -> None:
+    """Sending an opening ahead costs a second generator pass and starts the listener's clock earlier: the
+    engine does it only when no other session has work waiting, else the first segment goes whole."""
+    runner = StreamingRunner()
+    engine = await _streaming_engine(runner, max_batch_size=1)
+    x, b, c = Inbox(), Inbox(), Inbox()
+    for name, inbox in (("x", x), ("b", b), ("c", c)):
+        engine.open_session(name, inbox)
+    runner.gate.clear()  # hold x's batch inside the model while b and c queue up
+    engine.submit(_job("x", 0))
+    async with asyncio.timeout(10):
+        while engine.stats.running == 0:  # noqa: ASYNC110 - polls another thread's state; no event to await
+            await asyncio.sleep(0.01)
+    engine.submit(_first_job("b", 0))
+    engine.submit(_job("c", 0))
+    await asyncio.sleep(0.05)
+    runner.gate.set()
+    await b.wait_for(1)
+    await c.wait_for(1)
+    engine.submit(_first_job("b", 1))  # nobody else waits now
+    await b.wait_for(3)
+    await engine.stop()
+    assert runner.first_chunks == [None, None, None, 2]
+    assert [(o.seq, isinstance(o, SegmentAudio) and o.final) for o in b.items] == [(0, True), (1, False), (1, True)]

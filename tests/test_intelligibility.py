@@ -280,7 +280,7 @@ def test_streamed_segments_with_trimmed_pauses_are_intelligible(
     first_chunk = 12  # the default first_chunk_ms (300) in frames
     path = _voice_path(imported, voice)
     pack = load_voice_file(path)[path.stem]
-    pairs, longer, correlations, distances = [], [], [], []
+    pairs, longer, correlations, distances, levels = [], [], [], [], []
     for text, phonemes in SENTENCES:
         segmenter = Segmenter(max_phonemes=510, first_segment_min_phonemes=12, clause_min_phonemes=100)
         segments = []
@@ -307,6 +307,7 @@ def test_streamed_segments_with_trimmed_pauses_are_intelligible(
                 assert len(streamed) == len(audio)
                 correlations.append(spectral_correlation(streamed, audio))
                 distances.append(float(np.abs(log_mel(streamed) - log_mel(audio)).mean()))
+                levels.append(20 * np.log10(np.sqrt(np.mean(streamed**2)) / np.sqrt(np.mean(audio**2))))
                 audio = streamed
             pieces.append(audio)
             frames += int(out.pred_dur.sum())
@@ -318,7 +319,9 @@ def test_streamed_segments_with_trimmed_pauses_are_intelligible(
     print(
         f"\n{voice} streamed, trimmed pauses: WER {100 * wer:.1f} %, audio {100 * np.mean(longer):+.0f} % "
         f"against the whole sentence; first segment in two windows against one: log-mel correlation "
-        f"{min(correlations):.4f}-{max(correlations):.4f}, |dlogmel| {np.mean(distances):.3f}\n{report}"
+        f"{min(correlations):.4f}-{max(correlations):.4f}, |dlogmel| {np.mean(distances):.3f}, level "
+        f"{np.mean(levels):+.1f} dB ({min(levels):+.1f} to {max(levels):+.1f})\n{report}"
     )
     assert wer <= MAX_WER, f"{voice} streamed: WER {100 * wer:.1f} % > {100 * MAX_WER:.0f} %\n{report}"
     assert len(correlations) == len(SENTENCES) and min(correlations) >= 0.95
+    assert min(levels) >= -4.0 and max(levels) <= 1.0  # windows normalise over fewer frames: a little quieter

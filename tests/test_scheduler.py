@@ -198,3 +198,19 @@ def test_batch_size_left_open_is_decided_by_the_device() -> None:
     assert SchedulerConfig(max_batch_size=4).for_device("cpu").max_batch_size == 4  # a set value stays
     with pytest.raises(ValueError, match="decided"):
         Scheduler(open_config)
+
+
+def test_others_waiting_counts_sessions_the_scheduler_would_plan() -> None:
+    sched = _scheduler(high_water_ms=1000, low_water_ms=500)
+    for name in ("a", "b", "full"):
+        sched.open_session(name)
+    sched.submit(_job("a", 0, first=True))
+    assert not sched.others_waiting({"a"})  # only a's own work
+    sched.submit(_job("full", 0))
+    assert _batch(sched.plan(0.0)) == [("a", 0), ("full", 0)]
+    sched.complete(_job("full", 0), audio_ms=3000, now=0.0)  # 3 s of full's audio not yet sent
+    sched.submit(_job("full", 1))
+    assert isinstance(sched.plan(0.0), Idle)  # full is over its high-water mark: held back
+    assert not sched.others_waiting({"a"})  # full waits, but the scheduler holds it back anyway
+    sched.submit(_job("b", 0))
+    assert sched.others_waiting({"a"}) and not sched.others_waiting({"a", "b"})

@@ -191,3 +191,31 @@ def test_the_page_works_from_the_server_alone(page: Page, server: RunningServer)
         raise AssertionError(seen) from exc
     assert seen, "the page made no requests"
     assert all(url.startswith(server.http + "/") for url in seen), seen
+
+
+def test_a_server_with_api_keys_is_usable_from_the_page(browser_context: BrowserContext) -> None:
+    """With API keys configured, the page (public, like /healthz) says it needs one; a key typed into it, or given
+    in its address as `#api_key=`, goes with its HTTP requests (Bearer) and its WebSocket (`?api_key=`), and the
+    fragment is cleared from the address bar."""
+    key = "page-test-key-0123456789"
+    keyed = start_server(make_settings(api_keys=(key,), first_segment_min_phonemes=500, idle_cut_ms=10_000))
+    tab = browser_context.new_page()
+    try:
+        tab.goto(keyed.http + "/")
+        tab.wait_for_function("() => window.rtStats.status === 'API key needed'", timeout=WAIT_MS)
+        assert "unauthorized" in (tab.locator("#error").text_content() or "")
+        tab.fill("#api-key", key)
+        tab.dispatch_event("#api-key", "change")
+        tab.wait_for_function("() => window.rtStats.status === 'ready to speak'", timeout=WAIT_MS)
+        assert tab.locator("#error").is_hidden()
+
+        tab.goto(keyed.http + "/#api_key=" + key)
+        tab.wait_for_function("() => window.rtStats.status === 'ready to speak'", timeout=WAIT_MS)
+        assert key not in tab.url
+        speak_sample(tab, "Quick fox")
+        tab.wait_for_function("() => window.rtStats.turnDone", timeout=WAIT_MS)
+        s = stats(tab)
+        assert s["lastError"] is None and s["receivedS"] > 0.2, s
+    finally:
+        tab.close()
+        keyed.stop()

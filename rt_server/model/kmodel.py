@@ -389,8 +389,8 @@ class KModel(nn.Module):
         with the real weights on the first segments of the intelligibility tier, 1.7 dB quieter on average
         (0.8-2.3 dB; a shorter window is quieter), log-mel correlation 0.96-0.98, word error rate unchanged
         (tests/test_intelligibility.py). The windows keep the item's whole boundary silence for that reason:
-        cropping it too made the opening 3.3 dB quieter. With the default share the rest is ready before the
-        opening has played wherever the generator runs at least twice as fast as real time.
+        cropping it too made the opening 3.3 dB quieter. The server sizes `first_share` by the model's measured
+        speed, so that the rest is ready before the opening has played (`ModelRunner.opening_share`).
         """
         if not items:
             return

@@ -172,6 +172,15 @@ class Scheduler:
         state = self._sessions.get(session_id)
         return state is not None and state.marks.paused
 
+    def others_waiting(self, session_ids: set[str]) -> bool:
+        """Whether a session outside `session_ids` has a segment waiting that the scheduler would plan (it is
+        not held back by its high-water mark)."""
+        return any(
+            state.queue and not state.marks.paused
+            for session_id, state in self._sessions.items()
+            if session_id not in session_ids
+        )
+
     def deadline(self, session_id: str, job: SegmentJob) -> float:
         """When the session's listener runs out of audio, as far as the scheduler knows."""
         state = self._sessions[session_id]

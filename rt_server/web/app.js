@@ -67,8 +67,17 @@ const meter = [];
 // ---------------------------------------------------------------------------------------------------------
 // Server lists
 
+// The server's API key, when it requires one: typed into the page, or given in its address as `#api_key=KEY`
+// (a fragment never reaches a server or its logs). Sent as `Authorization: Bearer` on HTTP and as `?api_key=`
+// on the WebSocket (a browser cannot set headers there; docs/protocol.md).
+function apiKey() {
+  return $("api-key").value.trim();
+}
+
 async function getJson(path) {
-  const response = await fetch(path, { cache: "no-store" });
+  const key = apiKey();
+  const headers = key ? { Authorization: `Bearer ${key}` } : {};
+  const response = await fetch(path, { cache: "no-store", headers });
   const body = await response.json();
   if (!response.ok) throw new Error(body.error || `${path}: HTTP ${response.status}`);
   return body;
@@ -194,13 +203,14 @@ function readStart() {
 }
 
 async function ensureSession(start, ctx) {
-  const key = JSON.stringify(start);
+  const key = JSON.stringify([start, apiKey()]);
   if (session && session.open && session.key === key) return session;
   if (session) dropSession(session);
   session = null;
   const node = await newPlayer(ctx, start.sample_rate, start.lead_ms); // before the socket: no audio waits
   const url = new URL("v1/stream", location.href);
   url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+  if (apiKey()) url.searchParams.set("api_key", apiKey());
   const s = {
     key,
     ws: new WebSocket(url),
@@ -558,11 +568,23 @@ function init() {
   $("flush").addEventListener("click", onFlush);
   $("end-session").addEventListener("click", onEndSession);
   $("model").addEventListener("change", () => loadVoices().catch((err) => showError(String(err.message))));
+  const given = new URLSearchParams(location.hash.slice(1)).get("api_key");
+  if (given) {
+    $("api-key").value = given;
+    history.replaceState(null, "", location.pathname + location.search); // not left in the address bar
+  }
+  $("api-key").addEventListener("change", refresh);
   setInterval(render, 50);
+  refresh();
+}
+
+function refresh() {
+  hideError();
   loadModels().then(
     () => setStatus("ready to speak", ""),
     (err) => {
-      setStatus("server unavailable", "bad");
+      const unauthorized = /unauthori[sz]ed/i.test(err.message);
+      setStatus(unauthorized ? "API key needed" : "server unavailable", "bad");
       showError(`cannot list models: ${err.message}`);
     },
   );
