@@ -173,7 +173,7 @@ async def test_the_opening_of_a_turn_is_sent_before_its_segment_is_done() -> Non
 
 
 def test_first_chunk_setting() -> None:
-    assert session_config(Settings()).first_chunk_frames == 12  # 300 ms
+    assert session_config(Settings()).first_chunk_frames == 10  # 250 ms
     assert session_config(Settings.from_sources({"RT_SERVER_FIRST_CHUNK_MS": "0"})).first_chunk_frames is None
     assert session_config(Settings(first_chunk_ms=60)).first_chunk_frames == 3  # whole frames, rounded up
     with pytest.raises(ValueError, match="first_chunk_ms must not be negative"):

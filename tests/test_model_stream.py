@@ -149,5 +149,7 @@ def test_the_runner_sizes_the_opening_by_its_measured_speed() -> None:
     request = SynthesisRequest("ʤˈʌmps ˌOvəɹ ðə lˈAzi dˈɔɡ", "af_test", 1.0, None, 2, 2, first_chunk_frames=1)
     rest = runner.synthesize([request], lambda _, part: parts.append(part))[0]
     assert runner.rtf is not None and runner.rtf > 0  # measured on that pass
+    assert runner.rest_rtf is not None and runner.rest_rtf > 0  # and its second window, which it now goes by
+    assert runner.opening_share() == pytest.approx(min(0.5, max(0.1, runner.rest_rtf / (0.75 + runner.rest_rtf))))
     assert len(parts) == 1 and rest.offset > 0
     assert rest.offset == 600 * math.ceil(rest.total_samples / 600 / 3)  # a third, before the measurement

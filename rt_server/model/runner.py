@@ -61,15 +61,20 @@ class ModelRunner:
         self.name = name
         self.max_phonemes = model.max_phonemes
         self.device_type = model.device.type
-        self.rtf: float | None = None  # compute seconds per audio second, smoothed over the passes so far
+        # Compute seconds per audio second, smoothed over the passes so far: of whole passes, and of the second
+        # generator window of `stream_batch` (what the rest of a split item costs once its opening is out).
+        self.rtf: float | None = None
+        self.rest_rtf: float | None = None
 
     def opening_share(self) -> float:
         """The share of an item's audio that goes ahead in `stream_batch`: enough that the rest is synthesised
         before the opening has played, with a quarter to spare, at this runner's measured speed r (the rest,
-        (1 - f) of the audio, takes about r (1 - f); it must fit in 0.75 f). A third until measured."""
-        if self.rtf is None:
+        (1 - f) of the audio, takes about r (1 - f); it must fit in 0.75 f). r is the second window's measured
+        speed, else (an over-estimate) the whole passes'; a third until anything was measured."""
+        rtf = self.rest_rtf if self.rest_rtf is not None else self.rtf
+        if rtf is None:
             return 1 / 3
-        return min(0.5, max(0.1, self.rtf / (OPENING_SLACK + self.rtf)))
+        return min(0.5, max(0.1, rtf / (OPENING_SLACK + rtf)))
 
     def unknown_symbols(self, phonemes: str) -> list[str]:
         return self.model.unknown_symbols(phonemes)
@@ -120,11 +125,14 @@ class ModelRunner:
             for index, chunk in enumerate(next(windows)):  # the openings, out before the second window runs
                 if len(chunk.audio):
                     on_partial(index, _result(chunk))
+            second = time.perf_counter()
             results = [_result(chunk) for chunk in next(windows)]
+            rest_s = sum(len(r.audio) for r in results if r.offset) / SAMPLE_RATE_HZ
+            if rest_s > 0:
+                self.rest_rtf = _smoothed(self.rest_rtf, (time.perf_counter() - second) / rest_s)
         audio_s = sum(r.offset + len(r.audio) for r in results) / SAMPLE_RATE_HZ
         if audio_s > 0:
-            rtf = (time.perf_counter() - started) / audio_s
-            self.rtf = rtf if self.rtf is None else 0.8 * self.rtf + 0.2 * rtf
+            self.rtf = _smoothed(self.rtf, (time.perf_counter() - started) / audio_s)
         return results
 
     def warmup(self) -> None:
@@ -133,6 +141,13 @@ class ModelRunner:
         model whose vocabulary lacks the sentence's symbols."""
         phonemes = "hˈɛloʊ" if self.unknown_symbols(WARMUP_SENTENCE) else WARMUP_SENTENCE
         self.synthesize([SynthesisRequest(phonemes, self.voice_names()[0])])
+        # And in two windows, as a turn's first segment is: the windows' shapes, and the speed of the second
+        # (`opening_share`) measured before the first request.
+        self.synthesize([SynthesisRequest(phonemes, self.voice_names()[0], first_chunk_frames=1)], lambda *_: None)
+
+
+def _smoothed(average: float | None, sample: float) -> float:
+    return sample if average is None else 0.8 * average + 0.2 * sample
 
 
 def _result(chunk: Chunk) -> SynthesisResult:

@@ -21,7 +21,7 @@ class SessionConfig:
     # None: the model's own pauses (about 0.4 s before and 0.3 s after every segment).
     join_pause_frames: int | None = 2
     # A turn's first segment is delivered in two parts, the first at least this many frames; None: whole
-    first_chunk_frames: int | None = 12
+    first_chunk_frames: int | None = 10
     max_pending_tickets: int = 256  # segments and flushes waiting for output
     max_control_events: int = 64  # unread control events before the client counts as stalled
     report_step_ms: float = 100.0  # consumed-audio reports to the scheduler, at least this far apart
