@@ -209,9 +209,16 @@ def test_a_server_with_api_keys_is_usable_from_the_page(browser_context: Browser
         tab.wait_for_function("() => window.rtStats.status === 'ready to speak'", timeout=WAIT_MS)
         assert tab.locator("#error").is_hidden()
 
-        tab.goto(keyed.http + "/#api_key=" + key)
+        tab.goto("about:blank")
+        tab.goto(keyed.http + "/#api_key=" + key)  # a fresh load, the key in the fragment
         tab.wait_for_function("() => window.rtStats.status === 'ready to speak'", timeout=WAIT_MS)
-        assert key not in tab.url
+        assert key not in tab.url and tab.input_value("#api-key") == key
+        tab.evaluate("() => { location.hash = 'api_key=wrong-key-0123456789abc'; }")  # pasted into an open tab
+        tab.wait_for_function("() => window.rtStats.status === 'API key needed'", timeout=WAIT_MS)
+        tab.wait_for_function("() => location.hash === ''", timeout=WAIT_MS)
+        tab.fill("#api-key", key)
+        tab.dispatch_event("#api-key", "change")
+        tab.wait_for_function("() => window.rtStats.status === 'ready to speak'", timeout=WAIT_MS)
         speak_sample(tab, "Quick fox")
         tab.wait_for_function("() => window.rtStats.turnDone", timeout=WAIT_MS)
         s = stats(tab)

@@ -568,14 +568,20 @@ function init() {
   $("flush").addEventListener("click", onFlush);
   $("end-session").addEventListener("click", onEndSession);
   $("model").addEventListener("change", () => loadVoices().catch((err) => showError(String(err.message))));
-  const given = new URLSearchParams(location.hash.slice(1)).get("api_key");
-  if (given) {
-    $("api-key").value = given;
-    history.replaceState(null, "", location.pathname + location.search); // not left in the address bar
-  }
+  takeKeyFromAddress();
   $("api-key").addEventListener("change", refresh);
+  window.addEventListener("hashchange", () => takeKeyFromAddress() && refresh());
   setInterval(render, 50);
   refresh();
+}
+
+// `#api_key=KEY` in the page's address: the key goes into the field and out of the address bar.
+function takeKeyFromAddress() {
+  const given = new URLSearchParams(location.hash.slice(1)).get("api_key");
+  if (!given) return false;
+  $("api-key").value = given;
+  history.replaceState(null, "", location.pathname + location.search);
+  return true;
 }
 
 function refresh() {
