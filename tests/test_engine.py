@@ -35,7 +35,7 @@ class FakeRunner:
     device_type = "cpu"
 
     def __init__(self) -> None:
-        self.batches: list[list[tuple[str, str, float, int | None]]] = []
+        self.batches: list[list[tuple[str, str, float, int | None, int | None]]] = []
         self.gate = threading.Event()
         self.gate.set()
 
@@ -74,9 +74,9 @@ def _request(
     lead: int | None,
     trail: int | None,
     first_chunk: int | None,
-) -> tuple[str, str, float, int | None]:
-    assert lead is None and trail is None and first_chunk is None  # these jobs set no pause caps or chunks
-    return (phonemes, voice, speed, seed)
+) -> tuple[str, str, float, int | None, int | None]:
+    assert lead is None and trail is None  # these jobs set no pause caps
+    return (phonemes, voice, speed, seed, first_chunk)
 
 
 def _job(session: str, seq: int, text: str = "abc") -> SegmentJob:
@@ -238,34 +238,13 @@ class StreamingRunner(FakeRunner):
         return [_Result(w.audio[half:], w.durations, half, len(w.audio)) for w, half in zip(whole, halves, strict=True)]
 
 
-def _streaming_request(
-    phonemes: str,
-    voice: str,
-    speed: float,
-    seed: int | None,
-    lead: int | None,
-    trail: int | None,
-    first_chunk: int | None,
-) -> tuple[str, str, float, int | None, int | None]:
-    return (phonemes, voice, speed, seed, first_chunk)
-
-
-async def _streaming_engine(runner: StreamingRunner, **config: Any) -> ModelEngine:
-    settings = {"max_wait_ms": 0.0, **config}
-    engine = ModelEngine(
-        "fake", lambda: LoadedModel(runner, _streaming_request), SchedulerConfig(**settings), noise=False
-    )
-    await engine.start()
-    return engine
-
-
 def _first_job(session: str, seq: int, text: str = "abcdef") -> SegmentJob:
     return SegmentJob(session, seq, text, "v1", 1.0, True, 0.0, first_chunk_frames=2)
 
 
 async def test_a_first_chunk_is_delivered_before_its_batch_ends() -> None:
     runner = StreamingRunner()
-    engine = await _streaming_engine(runner, max_batch_size=1)
+    engine = await _engine(runner, max_batch_size=1)
     a = Inbox()
     engine.open_session("a", a)
     runner.second.clear()  # hold the batch after the opening went out
@@ -295,7 +274,7 @@ async def test_a_retried_batch_does_not_repeat_what_went_ahead() -> None:
     """Out of memory after the openings went out: the halves run again and send their openings again to the
     runner's callback; the engine passes on only the samples not yet delivered."""
     runner = StreamingRunner(oom_above=1)
-    engine = await _streaming_engine(runner, max_batch_size=2, max_wait_ms=50.0)
+    engine = await _engine(runner, max_batch_size=2, max_wait_ms=50.0)
     a, b = Inbox(), Inbox()
     engine.open_session("a", a)
     engine.open_session("b", b)
@@ -317,7 +296,7 @@ async def test_an_opening_goes_ahead_only_when_no_other_session_waits() -> None:
     """Sending an opening ahead costs a second generator pass and starts the listener's clock earlier: the
     engine does it only when no other session has work waiting, else the first segment goes whole."""
     runner = StreamingRunner()
-    engine = await _streaming_engine(runner, max_batch_size=1)
+    engine = await _engine(runner, max_batch_size=1)
     x, b, c = Inbox(), Inbox(), Inbox()
     for name, inbox in (("x", x), ("b", b), ("c", c)):
         engine.open_session(name, inbox)
