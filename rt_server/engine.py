@@ -81,9 +81,16 @@ class ModelRunnerLike(Protocol):
     def vocabulary(self) -> frozenset[str]: ...
     def voice_names(self) -> list[str]: ...
     def check_voice(self, spec: str) -> None: ...
-    def synthesize(self, requests: Sequence[Any], on_partial: OnPartial | None = None) -> Sequence[SynthesisResultLike]:
+    def synthesize(
+        self, requests: Sequence[Any], on_partial: OnPartial | None = None, opening_share: float | None = None
+    ) -> Sequence[SynthesisResultLike]:
         """One result per request. With `on_partial`, requests that ask for a first chunk may have their
-        opening passed to it before the batch is done; their results then hold the rest."""
+        opening (at least `opening_share` of their audio; None: the runner's own choice) passed to it before
+        the batch is done; their results then hold the rest."""
+        ...
+
+    def opening_share(self) -> float:
+        """The share of a segment's audio an opening needs at this runner's measured speed."""
         ...
 
     def warmup(self) -> None: ...
@@ -442,9 +449,12 @@ class ModelEngine:
     ) -> None:
         seeds = {job: int(rng.integers(2**31)) if self._noise else None for job in jobs}
         delivered: dict[SegmentJob, int] = {}  # samples already sent ahead, per job (kept across OOM retries)
+        sent_at: dict[SegmentJob, float] = {}  # when the first of them went
         # An opening sent ahead costs a second generator pass and starts the listener's clock earlier; when
         # another session is waiting for the model, that would be paid in its underruns: the segment goes whole.
         ahead = not scheduler.others_waiting({j.session_id for j in jobs})
+        # Decided once for the step: a retry after running out of memory then splits where the first try did.
+        share = loaded.runner.opening_share() if ahead else None
 
         def run(part: Sequence[SegmentJob]) -> list[SegmentAudio]:
             requests = [
@@ -465,6 +475,7 @@ class ModelEngine:
                 audio = _plain(job, result, delivered.get(job, 0))
                 if len(audio.audio):
                     delivered[job] = audio.offset + len(audio.audio)
+                    sent_at.setdefault(job, time.monotonic())
                     self._post([audio], None)
                     log.debug(
                         "model %s: opening of %.2f s sent after %.0f ms",
@@ -474,7 +485,7 @@ class ModelEngine:
                     )
 
             streamed = ahead and any(j.first_chunk_frames for j in part)
-            results = loaded.runner.synthesize(requests, on_partial if streamed else None)
+            results = loaded.runner.synthesize(requests, on_partial if streamed else None, share)
             if len(results) != len(part):
                 raise RuntimeError(f"runner returned {len(results)} results for {len(part)} requests")
             return [_plain(job, result, delivered.get(job, 0)) for job, result in zip(part, results, strict=True)]
@@ -490,11 +501,12 @@ class ModelEngine:
             for i, job in enumerate(part.items):
                 if part.results is None:
                     outcomes.append(SegmentFailed(job.session_id, job.seq, "synthesis failed"))
-                    scheduler.complete(job, 0.0, time.monotonic())
+                    ahead_ms = delivered.get(job, 0) * 1000.0 / SOURCE_SAMPLE_RATE_HZ  # its opening was sent
+                    scheduler.complete(job, ahead_ms, time.monotonic(), sent_at.get(job))
                 else:
                     audio = part.results[i]
                     outcomes.append(audio)
-                    scheduler.complete(job, audio.total_ms, time.monotonic())
+                    scheduler.complete(job, audio.total_ms, time.monotonic(), sent_at.get(job))
         compute_s = time.perf_counter() - started
         audio_s = sum(o.total_ms for o in outcomes if isinstance(o, SegmentAudio)) / 1000.0
         tokens = sum(j.tokens for j in jobs)

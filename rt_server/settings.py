@@ -107,8 +107,9 @@ class Settings:
     clause_min_phonemes: int = 100
     trim_pauses: bool = True  # off: every segment keeps the model's boundary pauses (0.4 s before, 0.3 s after)
     join_pause_ms: int = 50  # with trim_pauses: silence kept before a turn's first word and at mid-sentence cuts
-    # A turn's first segment goes out in two parts, the first at least this long (and at least a third of the
-    # segment), as soon as the model has it (KModel.stream_batch); 0: each segment whole
+    # A turn's first segment goes out in two parts, the first at least this long (and long enough for the rest to
+    # be ready before it has played, at the model's measured speed), as soon as the model has it
+    # (KModel.stream_batch); 0: each segment whole
     first_chunk_ms: int = 250
     # Scheduling
     max_batch_size: int = 0  # 0: by device, 1 on a CPU and 16 on a GPU (pipeline/scheduler.py AUTO_BATCH_SIZE)

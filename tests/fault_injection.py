@@ -50,7 +50,7 @@ class Faults:
         loaded = load_model(spec)
         return LoadedModel(_FaultyRunner(loaded.runner, self), loaded.make_request)
 
-    def run(self, runner: Any, requests: Any, on_partial: Any = None) -> Any:
+    def run(self, runner: Any, requests: Any, on_partial: Any = None, opening_share: float | None = None) -> Any:
         phonemes = tuple(r.phonemes for r in requests)
         if any(HOLD in p for p in phonemes):
             self.held.set()
@@ -72,7 +72,7 @@ class Faults:
                 self.held.set()
                 self._gate.wait(30)
 
-        results = runner.synthesize(requests, on_partial)
+        results = runner.synthesize(requests, on_partial, opening_share)
         self.batches.append(BatchRecord(phonemes, "ok"))
         return results
 
@@ -85,5 +85,5 @@ class _FaultyRunner:
     def __getattr__(self, name: str) -> Any:  # everything but `synthesize` is the real runner's
         return getattr(self._runner, name)
 
-    def synthesize(self, requests: Any, on_partial: Any = None) -> Any:
-        return self._faults.run(self._runner, requests, on_partial)
+    def synthesize(self, requests: Any, on_partial: Any = None, opening_share: float | None = None) -> Any:
+        return self._faults.run(self._runner, requests, on_partial, opening_share)

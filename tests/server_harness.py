@@ -120,17 +120,17 @@ class _PoisonedRunner:
         self.device_type = runner.device_type
         self.unknown_symbols, self.voice_names = runner.unknown_symbols, runner.voice_names
         self.vocabulary = runner.vocabulary
-        self.warmup = runner.warmup
+        self.warmup, self.opening_share = runner.warmup, runner.opening_share
 
     def check_voice(self, spec: str) -> None:
         if spec == BROKEN_VOICE:
             raise RuntimeError("injected fault")
         self._runner.check_voice(spec)
 
-    def synthesize(self, requests: Any, on_partial: Any = None) -> Any:
+    def synthesize(self, requests: Any, on_partial: Any = None, opening_share: float | None = None) -> Any:
         if any(POISON in r.phonemes for r in requests):
             raise RuntimeError("injected model failure")
-        return self._runner.synthesize(requests, on_partial)
+        return self._runner.synthesize(requests, on_partial, opening_share)
 
 
 def poisoned_loader(spec: ModelSpec) -> LoadedModel:

@@ -52,7 +52,7 @@ class FakeRunner:
         if spec not in self.voice_names():
             raise ValueError(f"unknown voice {spec!r}")
 
-    def synthesize(self, requests: Sequence[Any], on_partial: Any = None) -> list[_Result]:
+    def synthesize(self, requests: Sequence[Any], on_partial: Any = None, share: float | None = None) -> list[_Result]:
         self.gate.wait(10)
         self.batches.append(list(requests))
         if any("boom" in r[0] for r in requests):
@@ -64,6 +64,9 @@ class FakeRunner:
 
     def warmup(self) -> None:
         pass
+
+    def opening_share(self) -> float:
+        return 0.5
 
 
 def _request(
@@ -223,9 +226,11 @@ class StreamingRunner(FakeRunner):
         self.second.set()
         self.oom_above = oom_above
         self.first_chunks: list[int | None] = []
+        self.shares: list[float | None] = []
 
-    def synthesize(self, requests: Sequence[Any], on_partial: Any = None) -> list[_Result]:
+    def synthesize(self, requests: Sequence[Any], on_partial: Any = None, share: float | None = None) -> list[_Result]:
         self.first_chunks += [r[4] for r in requests]
+        self.shares.append(share)
         whole = super().synthesize([r[:4] for r in requests])
         halves = [len(w.audio) // 2 if r[4] else 0 for w, r in zip(whole, requests, strict=True)]
         if on_partial is not None:
@@ -290,6 +295,7 @@ async def test_a_retried_batch_does_not_repeat_what_went_ahead() -> None:
     await engine.stop()
     assert len(a.items) == len(b.items) == 2
     assert [len(batch) for batch in runner.batches] == [2, 1, 1]
+    assert runner.shares == [0.5, 0.5, 0.5]  # decided once for the step: the retries split where the first try did
 
 
 async def test_an_opening_goes_ahead_only_when_no_other_session_waits() -> None:

@@ -214,3 +214,17 @@ def test_others_waiting_counts_sessions_the_scheduler_would_plan() -> None:
     assert not sched.others_waiting({"a"})  # full waits, but the scheduler holds it back anyway
     sched.submit(_job("b", 0))
     assert sched.others_waiting({"a"}) and not sched.others_waiting({"a", "b"})
+
+
+def test_an_opening_sent_ahead_starts_the_listeners_clock() -> None:
+    """A first segment whose opening went out before the step ended: its listener started playing then, so the
+    turn's next deadline counts from then, not from the step's end."""
+    sched = _scheduler()
+    sched.open_session("a")
+    sched.submit(_job("a", 0, first=True))
+    sched.plan(0.0)
+    sched.complete(_job("a", 0, first=True), audio_ms=1000, now=0.5, playing_since=0.2)
+    sched.submit(_job("a", 1))
+    assert sched.deadline("a", _job("a", 1)) == pytest.approx(1.2)  # 0.2 s + 1 s of audio, not 1.5 s
+    sched.complete(_job("a", 1), audio_ms=500, now=0.9)
+    assert sched.deadline("a", _job("a", 2)) == pytest.approx(1.7)

@@ -34,9 +34,10 @@ log = logging.getLogger(__name__)
 
 _FADE_SAMPLES = 120  # 5 ms at 24 kHz, where boundary silence is cut (`_trim_boundaries`)
 # Frames of context a generator window runs beyond the audio it returns where the item goes on: the generator's
-# convolutions reach 4.1 frames (102 ms) each way, so the audio kept is free of edge effects.
-GENERATOR_CONTEXT_FRAMES = 5
-_SEAM_SAMPLES = 480  # 20 ms: where `stream_batch`'s second window fades in over the first
+# convolutions reach 5.4 frames (136 ms) each way (through the sine source's branch; 4.1 through the main one),
+# so neither the audio kept nor the seam where the windows are faded together sees a window's edge.
+GENERATOR_CONTEXT_FRAMES = 6
+_SEAM_SAMPLES = 240  # 10 ms: where `stream_batch`'s second window fades in over the first
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Buffers some transformers versions saved with ALBERT; harmless and ignored on load.
 _IGNORED_KEYS = {"bert": {"embeddings.position_ids"}}
@@ -382,7 +383,7 @@ class KModel(nn.Module):
         every item that asked for one (`first_frames[i]` frames, or `first_share` of the item's audio if that
         is more; an empty chunk for the others), then the rest of every item (all of it for those not split).
 
-        An item is split only where the rest is longer than the windows' overlap: the first window runs from
+        An item is split only where the rest is longer than `GENERATOR_CONTEXT_FRAMES`: the first window runs from
         the item's start to `GENERATOR_CONTEXT_FRAMES` past the split, the second from as far before it to the
         item's end, and the second fades in over the first across `_SEAM_SAMPLES`. Each window's AdaIN layers
         normalise over its own frames, so the audio is close to, not equal to, `forward_batch`'s: measured

@@ -94,12 +94,14 @@ class ModelRunner:
         self,
         requests: Sequence[SynthesisRequest],
         on_partial: Callable[[int, SynthesisResult], None] | None = None,
+        opening_share: float | None = None,
     ) -> list[SynthesisResult]:
         """Synthesise one batch in a single forward pass. Raises if the batch fails (all of it).
 
         With `on_partial` and a request that sets `first_chunk_frames`, the generator runs in two windows
         (`KModel.stream_batch`): the opening of each such request's audio goes to `on_partial(index, result)`
-        as soon as the first window is done, and its result holds the rest."""
+        as soon as the first window is done, and its result holds the rest. The opening is at least
+        `opening_share` of the audio (None: `self.opening_share()`)."""
         items = []
         for req in requests:
             style = torch.from_numpy(style_row(self.voices.pack(req.voice), req.phonemes).copy())
@@ -121,7 +123,8 @@ class ModelRunner:
             outputs = self.model.forward_batch(items)
             results = [SynthesisResult(o.audio.numpy(), o.pred_dur.numpy().astype(np.int64)) for o in outputs]
         else:
-            windows = self.model.stream_batch(items, first, first_share=self.opening_share())
+            share = self.opening_share() if opening_share is None else opening_share
+            windows = self.model.stream_batch(items, first, first_share=share)
             for index, chunk in enumerate(next(windows)):  # the openings, out before the second window runs
                 if len(chunk.audio):
                     on_partial(index, _result(chunk))

@@ -142,14 +142,15 @@ class Scheduler:
         if state is not None:
             state.consumed_ms = max(state.consumed_ms, consumed_ms)
 
-    def complete(self, job: SegmentJob, audio_ms: float, now: float) -> None:
-        """A planned segment produced `audio_ms` of audio (0 for a failed segment)."""
+    def complete(self, job: SegmentJob, audio_ms: float, now: float, playing_since: float | None = None) -> None:
+        """A planned segment produced `audio_ms` of audio (0 for a failed segment). `playing_since`: when its
+        opening went out ahead of the rest (the listener's clock started then, not at `now`)."""
         state = self._sessions.get(job.session_id)
         if state is None:
             return
         state.produced_ms += audio_ms
         if job.first_in_turn or state.turn_anchor_s is None:
-            state.turn_anchor_s = now
+            state.turn_anchor_s = now if playing_since is None else playing_since
             state.turn_audio_ms = audio_ms
         else:
             state.turn_audio_ms += audio_ms
