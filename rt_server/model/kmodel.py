@@ -387,8 +387,8 @@ class KModel(nn.Module):
         the item's start to `GENERATOR_CONTEXT_FRAMES` past the split, the second from as far before it to the
         item's end, and the second fades in over the first across `_SEAM_SAMPLES`. Each window's AdaIN layers
         normalise over its own frames, so the audio is close to, not equal to, `forward_batch`'s: measured
-        with the real weights on the first segments of the intelligibility tier, 1.6 dB quieter on average
-        (0.7-2.3 dB; a shorter window is quieter), log-mel correlation 0.988-0.994, word error rate unchanged
+        with the real weights on the first segments of the intelligibility tier, 1.4-1.8 dB quieter on average
+        (0.9-2.5 dB; a shorter window is quieter), log-mel correlation 0.988-0.993, word error rate unchanged
         (tests/test_intelligibility.py). The windows keep the item's whole boundary silence for that reason:
         cropping it too made the opening 3.3 dB quieter. The server sizes `first_share` by the model's measured
         speed, so that the rest is ready before the opening has played (`ModelRunner.opening_share`).
