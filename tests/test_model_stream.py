@@ -149,22 +149,22 @@ def test_nothing_to_stream(model: KModel) -> None:
 
 def test_the_runner_sizes_the_opening_by_its_measured_speed() -> None:
     """The opening grows with the runner's real-time factor r, so the rest (r times its audio) is ready before
-    the opening has played: f = r / (0.75 + r), between 0.1 and 0.5; a third before anything was measured."""
+    the opening has played half: f = r / (0.5 + r), between 0.1 and 0.5; a third before anything was measured."""
     from rt_server.model.runner import SynthesisRequest, tiny_runner
 
     runner = tiny_runner(seed=0)
     assert runner.rtf is None and runner.opening_share() == pytest.approx(1 / 3)
-    for rtf, share in ((0.01, 0.1), (0.25, 0.25), (0.75, 0.5), (3.0, 0.5)):
+    for rtf, share in ((0.01, 0.1), (0.25, 1 / 3), (0.5, 0.5), (3.0, 0.5)):
         runner.rtf = rtf
         assert runner.opening_share() == pytest.approx(share)
-    runner.rtf = 0.25  # unclamped: the rest's synthesis takes exactly three quarters of the opening's playing time
-    assert 0.25 * (1 - runner.opening_share()) == pytest.approx(0.75 * runner.opening_share())
+    runner.rtf = 0.25  # unclamped: the rest's synthesis takes exactly half of the opening's playing time
+    assert 0.25 * (1 - runner.opening_share()) == pytest.approx(0.5 * runner.opening_share())
     runner.rtf = None
     parts: list[object] = []
     request = SynthesisRequest("ʤˈʌmps ˌOvəɹ ðə lˈAzi dˈɔɡ", "af_test", 1.0, None, 2, 2, first_chunk_frames=1)
     rest = runner.synthesize([request], lambda _, part: parts.append(part))[0]
     assert runner.rtf is not None and runner.rtf > 0  # measured on that pass
     assert runner.rest_rtf is not None and runner.rest_rtf > 0  # and its second window, which it now goes by
-    assert runner.opening_share() == pytest.approx(min(0.5, max(0.1, runner.rest_rtf / (0.75 + runner.rest_rtf))))
+    assert runner.opening_share() == pytest.approx(min(0.5, max(0.1, runner.rest_rtf / (0.5 + runner.rest_rtf))))
     assert len(parts) == 1 and rest.offset > 0
     assert rest.offset == 600 * math.ceil(rest.total_samples / 600 / 3)  # a third, before the measurement

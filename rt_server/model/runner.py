@@ -22,8 +22,8 @@ from rt_server.model.voices import PACK_ROWS, STYLE_DIM, VoiceLibrary, style_row
 
 log = logging.getLogger(__name__)
 
-# `ModelRunner.opening_share`: the opening must outlast the rest's synthesis by this factor's inverse.
-OPENING_SLACK = 0.75
+# `ModelRunner.opening_share`: the rest's synthesis must fit in this share of the opening's playing time.
+OPENING_SLACK = 0.5
 # A sentence of typical length in Kokoro's English phonemes, for the warm-up.
 WARMUP_SENTENCE = "ðə kwˈɪk bɹˈWn fˈɑks ʤˈʌmps ˌOvəɹ ðə lˈAzi dˈɔɡ."
 
@@ -68,8 +68,9 @@ class ModelRunner:
 
     def opening_share(self) -> float:
         """The share of an item's audio that goes ahead in `stream_batch`: enough that the rest is synthesised
-        before the opening has played, with a quarter to spare, at this runner's measured speed r (the rest,
-        (1 - f) of the audio, takes about r (1 - f); it must fit in 0.75 f). r is the second window's measured
+        in half the time the opening plays, at this runner's measured speed r (the rest, (1 - f) of the audio,
+        takes about r (1 - f); it must fit in 0.5 f: a machine that slows down between requests, as shared ones
+        do, still has the other half). r is the second window's measured
         speed, else (an over-estimate) the whole passes'; a third until anything was measured."""
         rtf = self.rest_rtf if self.rest_rtf is not None else self.rtf
         if rtf is None:
