@@ -99,22 +99,6 @@ class _Prepared:
     geo: FrameGeometry
     pred_dur: list[Tensor]
 
-    def select(self, indices: Sequence[int]) -> _Prepared:
-        """The sub-batch of `indices`, cut to its own longest item."""
-        frames = self.geo.frames[list(indices)]
-        f_max = int(frames.max())
-        per_frame = (self.har.shape[-1] - 1) // (self.x.shape[-1] // 2)
-        geo = FrameGeometry(
-            frames, self.geo.n_fft, self.geo.hop, self.geo.upsample_rates, len(set(frames.tolist())) > 1
-        )
-        return _Prepared(
-            self.x[list(indices), :, : 2 * f_max],
-            self.har[list(indices), :, : per_frame * f_max + 1],
-            self.s[list(indices)],
-            geo,
-            [self.pred_dur[i] for i in indices],
-        )
-
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """`auto`: bf16 where the hardware computes it natively (a CUDA GPU that supports it, or a CPU with
@@ -419,7 +403,7 @@ class KModel(nn.Module):
         chunks = [Chunk(out.audio, out.pred_dur, 0, n) for out, n in zip(outputs, total, strict=True)]
         if rest:
             second = [(max(0, cuts[i] - context), frames[i]) for i in rest]  # type: ignore[operator]
-            audio = self._render(prepared.select(rest), second)
+            audio = self._render(prepared, second, rest)
             ramp = 0.5 - 0.5 * torch.cos(torch.linspace(0.0, torch.pi, _SEAM_SAMPLES))
             for j, i in enumerate(rest):
                 split, cut = splits[i], cuts[i]
@@ -479,13 +463,17 @@ class KModel(nn.Module):
         pred_dur = pred_dur.cpu()
         return _Prepared(x, har, s_acoustic, geo, [pred_dur[i, :n_tok] for i, n_tok in enumerate(lengths_list)])
 
-    def _render(self, prepared: _Prepared, windows: Sequence[tuple[int, int]]) -> list[Tensor]:
-        """The generator over duration frames [a_i, b_i) of each item: float32 audio on the CPU, 600 samples a
-        frame. Whole items run on the prepared batch as it is; windows are cut out and batched anew (each
-        window is then normalised over its own frames)."""
+    def _render(
+        self, prepared: _Prepared, windows: Sequence[tuple[int, int]], rows: Sequence[int] | None = None
+    ) -> list[Tensor]:
+        """The generator over duration frames [a_j, b_j) of prepared item `rows[j]` (default: every item, in
+        order): float32 audio on the CPU, 600 samples a frame. Whole items run on the prepared batch as it is;
+        windows are cut out and batched anew (each window is then normalised over its own frames)."""
         frames = prepared.geo.frames.tolist()
-        if all(a == 0 and b == f for (a, b), f in zip(windows, frames, strict=True)):
-            x, har, geo = prepared.x, prepared.har, prepared.geo
+        rows = range(len(frames)) if rows is None else rows
+        whole = [(0, f) for f in frames]
+        if list(rows) == list(range(len(frames))) and list(windows) == whole:
+            x, har, s, geo = prepared.x, prepared.har, prepared.s, prepared.geo
         else:
             spans = [b - a for a, b in windows]
             geo = self._geometry(torch.tensor(spans, device=prepared.x.device))
@@ -493,11 +481,12 @@ class KModel(nn.Module):
             per_frame = SAMPLES_PER_FRAME // self.config.istftnet.gen_istft_hop_size  # STFT frames
             x = prepared.x.new_zeros(B, prepared.x.shape[1], 2 * F_max)
             har = prepared.har.new_zeros(B, prepared.har.shape[1], per_frame * F_max + 1)
-            for i, (a, b) in enumerate(windows):
-                x[i, :, : 2 * (b - a)] = prepared.x[i, :, 2 * a : 2 * b]
-                har[i, :, : per_frame * (b - a) + 1] = prepared.har[i, :, per_frame * a : per_frame * b + 1]
+            for j, (row, (a, b)) in enumerate(zip(rows, windows, strict=True)):
+                x[j, :, : 2 * (b - a)] = prepared.x[row, :, 2 * a : 2 * b]
+                har[j, :, : per_frame * (b - a) + 1] = prepared.har[row, :, per_frame * a : per_frame * b + 1]
+            s = prepared.s[list(rows)]
         with self._reduced():
-            audio = self.decoder.generator.synthesize(x, prepared.s, har, geo)
+            audio = self.decoder.generator.synthesize(x, s, har, geo)
         audio = audio.float().cpu()
         return [audio[i, : (b - a) * SAMPLES_PER_FRAME] for i, (a, b) in enumerate(windows)]
 
