@@ -16,7 +16,7 @@ from typing import Any, Final, Literal
 
 ENV_PREFIX: Final = "RT_SERVER_"
 ModelKind = Literal["kokoro", "tiny"]
-_PRECISIONS: Final = ("auto", "fp32", "bf16", "fp16")
+_PRECISIONS: Final = ("auto", "fp32", "bf16", "fp16", "int8")
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"0", "false", "no", "off"})
 # API keys: long enough not to be guessed, and free of the separators used to list them.
@@ -40,7 +40,7 @@ class ModelSpec:
     weights: str | None = None
     voices_dir: str | None = None
     device: str = "auto"
-    precision: str = "auto"  # bf16 where the hardware has it natively, else fp32
+    precision: str = "auto"  # int8 or bf16 where the hardware has it natively, else fp32
     compile: bool = True  # reduced precision: compile the decoder's fused kernels at load (torch.compile)
     seed: int = 0  # tiny models only: the weight seed
 

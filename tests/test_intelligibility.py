@@ -212,25 +212,59 @@ def test_english_sentences_are_intelligible(
 # ------------------------------------------------------------------------------- reduced precision
 
 
-@pytest.fixture(scope="module")
-def imported_bf16(imported: Imported) -> Any:
-    """bf16 with compiled kernels: what the server runs on this CPU by default (`precision=auto`)."""
+def _reduced_model(precision: str) -> Any:
     from rt_server.model.kmodel import KModel
     from rt_server.weights import import_weights
 
     paths = import_weights(_home(), install=False).paths
-    model = KModel(paths.config, model=paths.checkpoint, precision="bf16")
+    model = KModel(paths.config, model=paths.checkpoint, precision=precision)
     model.compile_kernels()
     return model
 
 
+@pytest.fixture(scope="module")
+def imported_bf16(imported: Imported) -> Any:
+    """bf16 with compiled kernels: what the server runs by default on a CPU with AVX512-BF16 but no VNNI."""
+    return _reduced_model("bf16")
+
+
+@pytest.fixture(scope="module")
+def imported_int8(imported: Imported) -> Any:
+    """int8 with compiled kernels: what the server runs by default on a CPU with AVX512-BF16 and VNNI (this
+    project's machines)."""
+    from rt_server.model.layers import int8_convolution_available
+
+    if not int8_convolution_available():
+        pytest.skip("this torch has no oneDNN int8 convolution")
+    return _reduced_model("int8")
+
+
+@pytest.fixture(scope="module")
+def imported_served(imported: Imported, request: pytest.FixtureRequest) -> Any:
+    """The precision `precision=auto` picks on this machine (int8 or bf16), for the tests of what the server
+    sends; fp32 machines run them in bf16."""
+    import torch
+
+    from rt_server.model.kmodel import resolve_precision
+
+    auto = resolve_precision("auto", torch.device("cpu"))
+    return request.getfixturevalue("imported_int8" if auto == "int8" else "imported_bf16")
+
+
 @pytest.mark.real_weights
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
 @pytest.mark.parametrize("voice", ["jf_alpha", "af_heart"])
-def test_bf16_is_as_intelligible_and_close_to_fp32(
-    imported: Imported, imported_bf16: Any, transcribe: Callable[[np.ndarray[Any, Any]], str], voice: str
+def test_reduced_precision_is_as_intelligible_and_close_to_fp32(
+    imported: Imported,
+    transcribe: Callable[[np.ndarray[Any, Any]], str],
+    voice: str,
+    precision: str,
+    request: pytest.FixtureRequest,
 ) -> None:
-    """bf16 (the fast CPU path) keeps the word error rate within the tier's bound, and its spectra close to fp32:
-    log-mel correlation per sentence and the mean absolute log-mel difference are printed and bounded."""
+    """bf16 and int8 (the fast CPU paths) keep the word error rate within the tier's bound, and their spectra
+    close to fp32: log-mel correlation per sentence and the mean absolute log-mel difference are printed and
+    bounded. Durations stay the fp32 model's in both (ALBERT and the predictor run in float32)."""
+    reduced = request.getfixturevalue(f"imported_{precision}")
     import torch
     from audio_metrics import log_mel, spectral_correlation
 
@@ -243,29 +277,31 @@ def test_bf16_is_as_intelligible_and_close_to_fp32(
         ref_s = torch.from_numpy(style_row(pack, phonemes))[None]
         ids = torch.tensor([imported.model.tokenize(phonemes)])
         fp32, dur32 = imported.model.forward_with_tokens(ids, ref_s, 1.0, noise=False)
-        bf16, dur16 = imported_bf16.forward_with_tokens(ids, ref_s, 1.0, noise=False)
+        bf16, dur16 = reduced.forward_with_tokens(ids, ref_s, 1.0, noise=False)
         pairs.append((text, transcribe(bf16.numpy())))
         frames = min(len(fp32), len(bf16))
         mel32, mel16 = log_mel(fp32.numpy()[:frames]), log_mel(bf16.numpy()[:frames])
         correlation = spectral_correlation(fp32.numpy()[:frames], bf16.numpy()[:frames])
         distance = float(np.abs(mel32 - mel16).mean())
         report.append((text, int(dur32.sum()), int(dur16.sum()), correlation, distance))
-        assert correlation >= 0.95, f"{text!r}: log-mel correlation {correlation:.3f} between bf16 and fp32"
+        assert torch.equal(dur16, dur32), f"{text!r}: {precision} durations differ from fp32's"
+        assert correlation >= 0.95, f"{text!r}: log-mel correlation {correlation:.3f} between {precision} and fp32"
     wer = corpus_wer(pairs)
     lines = "\n".join(f"  {t[:28]:<28} frames {a}/{b} corr {c:.4f} |dlogmel| {d:.3f}" for t, a, b, c, d in report)
-    print(f"\n{voice} bf16: WER {100 * wer:.1f} %\n{lines}")
-    assert wer <= MAX_WER, f"{voice} bf16: WER {100 * wer:.1f} % > {100 * MAX_WER:.0f} %"
+    print(f"\n{voice} {precision}: WER {100 * wer:.1f} %\n{lines}")
+    assert wer <= MAX_WER, f"{voice} {precision}: WER {100 * wer:.1f} % > {100 * MAX_WER:.0f} %"
 
 
 @pytest.mark.real_weights
 @pytest.mark.parametrize("voice", ["jf_alpha", "af_heart"])
 def test_streamed_segments_with_trimmed_pauses_are_intelligible(
-    imported: Imported, imported_bf16: Any, transcribe: Callable[[np.ndarray[Any, Any]], str], voice: str
+    imported: Imported, imported_served: Any, transcribe: Callable[[np.ndarray[Any, Any]], str], voice: str
 ) -> None:
     """What the server sends by default: each sentence streamed word by word and cut as the server cuts it (a
     short first segment, `first_segment_min_phonemes=12`), the boundary silences cut where the segments join and
     before the first word (`trim_pauses`), the first segment's generator run in two windows (`first_chunk_ms`,
-    `KModel.stream_batch`), synthesised in bf16 and played back to back after 0.3 s of the player's silence.
+    `KModel.stream_batch`), synthesised in the precision the server picks here (int8 on this project's CPUs) and
+    played back to back after 0.3 s of the player's silence.
     Whisper must understand the joined audio as well as the tier requires, the cuts must hold, and the windowed
     first segment must stay close to its single-window synthesis (log-mel correlation, printed). (Shortening
     the boundary durations inside the model instead garbled first and last words: WER 15-30 %; see
@@ -295,14 +331,14 @@ def test_streamed_segments_with_trimmed_pauses_are_intelligible(
             seg_phonemes = segment.text.strip()
             ref_s = torch.from_numpy(style_row(pack, seg_phonemes))[None]
             lead, trail = segment.pause_caps(pause)  # as the session sets them
-            item = imported_bf16.item(seg_phonemes, ref_s, noise=False, max_lead_frames=lead, max_trail_frames=trail)
-            out = imported_bf16.forward_batch([item])[0]
+            item = imported_served.item(seg_phonemes, ref_s, noise=False, max_lead_frames=lead, max_trail_frames=trail)
+            out = imported_served.forward_batch([item])[0]
             assert int(out.pred_dur[0]) <= pause
             if segment.joins_next:
                 assert int(out.pred_dur[-1]) <= pause
             audio = out.audio.numpy()
             if segment.first_in_turn:  # as the server sends it: the opening (250 ms or more), then the rest
-                (opening,), (rest,) = imported_bf16.stream_batch([item], [first_chunk], first_share=share)
+                (opening,), (rest,) = imported_served.stream_batch([item], [first_chunk], first_share=share)
                 assert len(opening.audio) >= first_chunk * 600 and rest.offset == len(opening.audio)
                 streamed = np.concatenate([opening.audio.numpy(), rest.audio.numpy()])
                 assert len(streamed) == len(audio)
@@ -312,14 +348,15 @@ def test_streamed_segments_with_trimmed_pauses_are_intelligible(
                 audio = streamed
             pieces.append(audio)
             frames += int(out.pred_dur.sum())
-        whole = imported_bf16.item(phonemes, torch.from_numpy(style_row(pack, phonemes))[None], noise=False)
-        longer.append(frames / sum(int(o.pred_dur.sum()) for o in imported_bf16.forward_batch([whole])) - 1.0)
+        whole = imported_served.item(phonemes, torch.from_numpy(style_row(pack, phonemes))[None], noise=False)
+        longer.append(frames / sum(int(o.pred_dur.sum()) for o in imported_served.forward_batch([whole])) - 1.0)
         pairs.append((text, transcribe(np.concatenate(pieces))))
     wer = corpus_wer(pairs)
     report = "\n".join(f"  {text!r} -> {hyp!r}" for text, hyp in pairs)
     print(
-        f"\n{voice} streamed, trimmed pauses: WER {100 * wer:.1f} %, audio {100 * np.mean(longer):+.0f} % "
-        f"against the whole sentence; first segment in two windows against one: log-mel correlation "
+        f"\n{voice} streamed ({imported_served.precision}), trimmed pauses: WER {100 * wer:.1f} %, "
+        f"audio {100 * np.mean(longer):+.0f} % against the whole sentence; first segment in two windows against "
+        f"one: log-mel correlation "
         f"{min(correlations):.4f}-{max(correlations):.4f}, |dlogmel| {np.mean(distances):.3f}, level "
         f"{np.mean(levels):+.1f} dB ({min(levels):+.1f} to {max(levels):+.1f})\n{report}"
     )

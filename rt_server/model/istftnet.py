@@ -7,6 +7,7 @@ masks are `None` for an unpadded batch, which then runs exactly the reference's 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,14 +17,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rt_server.model.config import SAMPLE_RATE_HZ, ISTFTNetConfig
+from rt_server.model.kernels import Quantize, quantize_u8
 from rt_server.model.layers import (
     AdaIN1d,
     AdainResBlk1d,
+    Int8Conv1d,
     WNConv1d,
     WNConvTranspose1d,
     apply_mask,
     sequence_mask,
 )
+
+_log = logging.getLogger(__name__)
 
 HARMONIC_NUM = 8
 SINE_AMP = 0.1
@@ -74,14 +79,41 @@ class AdaINResBlock1(nn.Module):
         self.alpha1 = nn.ParameterList([nn.Parameter(torch.ones(1, channels, 1)) for _ in dilations])
         self.alpha2 = nn.ParameterList([nn.Parameter(torch.ones(1, channels, 1)) for _ in dilations])
 
+        # Precision "int8" (`KModel.set_precision`): the convolutions as oneDNN int8 kernels, fed by `quantize`.
+        self.int8: list[tuple[Int8Conv1d, Int8Conv1d]] | None = None
+        self.quantize: Quantize = quantize_u8
+
+    def use_int8(self, enabled: bool) -> None:
+        """Run the convolutions in int8 (their weights quantised and packed now), or back in the float path."""
+        convs = [c for c in [*self.convs1, *self.convs2] if isinstance(c, WNConv1d)]
+        pairs = zip(convs[: len(convs) // 2], convs[len(convs) // 2 :], strict=True)
+        self.int8 = [(Int8Conv1d(c1), Int8Conv1d(c2)) for c1, c2 in pairs] if enabled else None
+
     def forward(self, x: Tensor, s: Tensor, mask: Tensor | None) -> Tensor:
-        for c1, c2, n1, n2, a1, a2 in zip(
-            self.convs1, self.convs2, self.adain1, self.adain2, self.alpha1, self.alpha2, strict=True
+        for k, (c1, c2, n1, n2, a1, a2) in enumerate(
+            zip(self.convs1, self.convs2, self.adain1, self.adain2, self.alpha1, self.alpha2, strict=True)
         ):
-            xt = c1(n1(x, s, mask, a1))  # AdaIN + Snake, zero on the padding
-            xt = c2(n2(xt, s, mask, a2))
+            if self.int8 is None:
+                xt = c1(n1(x, s, mask, a1))  # AdaIN + Snake, zero on the padding
+                xt = c2(n2(xt, s, mask, a2))
+            else:  # the padding's zeros quantise to the zero point exactly
+                q1, q2 = self.int8[k]
+                xt = q1(*self._quantized(n1(x, s, mask, a1)))
+                xt = q2(*self._quantized(n2(xt, s, mask, a2)))
             x = xt + x
         return x
+
+    def _quantized(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self.quantize is quantize_u8:
+            return quantize_u8(x)
+        try:
+            return self.quantize(x)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # as for the compiled AdaIN kernel: eager from now on
+            _log.warning("compiled quantiser failed, using the eager one from now on: %s: %s", type(exc).__name__, exc)
+            self.quantize = quantize_u8
+            return quantize_u8(x)
 
 
 def _hann(n_fft: int, device: torch.device) -> Tensor:

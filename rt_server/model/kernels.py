@@ -88,3 +88,32 @@ def compiled_adain_act() -> AdainAct:
         # slower) instead of raising in the middle of a request.
         _compiled = torch.compile(adain_act_reference, dynamic=True)
     return _compiled
+
+
+# int8 activations (precision "int8"): unsigned, with zero at this code, so that the zeroed padding is exact.
+U8_ZERO_POINT = 128
+U8_STEPS = 127  # codes each side of the zero point that the largest magnitude maps to (255 - 128 would be 127 too)
+
+Quantize = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
+def quantize_u8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-tensor symmetric quantisation for oneDNN's int8 convolution: `(q, scale)` with q uint8 =
+    round(x / scale) + 128 clamped to [0, 255] and scale = max|x| / 127 (float32, a 0-d tensor), so that
+    x ~ (q - 128) * scale, zero is exact and nothing clips."""
+    amax = x.abs().amax().float().clamp_min(1e-12)
+    scale = amax / U8_STEPS
+    q = torch.clamp(torch.round(x.float() / scale) + U8_ZERO_POINT, 0, 255).to(torch.uint8)
+    return q, scale
+
+
+_compiled_quantize: Quantize | None = None
+
+
+def compiled_quantize_u8() -> Quantize:
+    """`quantize_u8` through `torch.compile`: two passes over x (its maximum, then the codes) instead of six
+    eager ones. Lazy like `compiled_adain_act`."""
+    global _compiled_quantize
+    if _compiled_quantize is None:
+        _compiled_quantize = torch.compile(quantize_u8, dynamic=True)
+    return _compiled_quantize

@@ -25,9 +25,16 @@ from torch import Tensor, nn
 from rt_server.model.albert import CustomAlbert
 from rt_server.model.checkpoint import SECTIONS, Checkpoint, CheckpointError, load_checkpoint
 from rt_server.model.config import PAD_TOKEN_ID, SAMPLES_PER_FRAME, KokoroConfig, load_config
-from rt_server.model.istftnet import HARMONIC_NUM, Decoder, FrameGeometry
-from rt_server.model.kernels import AdainAct, adain_act_eager, compiled_adain_act
-from rt_server.model.layers import AdaIN1d, InstanceNormAffine, WeightNormMixin, apply_mask, sequence_mask
+from rt_server.model.istftnet import HARMONIC_NUM, AdaINResBlock1, Decoder, FrameGeometry
+from rt_server.model.kernels import AdainAct, adain_act_eager, compiled_adain_act, compiled_quantize_u8, quantize_u8
+from rt_server.model.layers import (
+    AdaIN1d,
+    InstanceNormAffine,
+    WeightNormMixin,
+    apply_mask,
+    int8_convolution_available,
+    sequence_mask,
+)
 from rt_server.model.prosody import ProsodyPredictor, TextEncoder, expand_to_frames
 
 log = logging.getLogger(__name__)
@@ -38,7 +45,8 @@ _FADE_SAMPLES = 120  # 5 ms at 24 kHz, where boundary silence is cut (`_trim_bou
 # so neither the audio kept nor the seam where the windows are faded together sees a window's edge.
 GENERATOR_CONTEXT_FRAMES = 6
 _SEAM_SAMPLES = 240  # 10 ms: where `stream_batch`'s second window fades in over the first
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The dtype the decoder computes in; "int8" is bf16 with the generator's residual convolutions in int8 (CPU).
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.bfloat16}
 # Buffers some transformers versions saved with ALBERT; harmless and ignored on load.
 _IGNORED_KEYS = {"bert": {"embeddings.position_ids"}}
 
@@ -101,22 +109,27 @@ class _Prepared:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto`: bf16 where the hardware computes it natively (a CUDA GPU that supports it, or a CPU with
-    AVX512-BF16 or AMX), else fp32. Other values pass through."""
+    """`auto`: on a CPU with native bf16 (AVX512-BF16 or AMX) and int8 dot products (AVX512-VNNI or AMX),
+    int8 (bf16 with the generator's convolutions in int8); with native bf16 only, bf16; on a CUDA GPU that
+    computes bf16 natively, bf16; else fp32. Other values pass through."""
     if precision != "auto":
         return precision
     if device.type == "cuda":  # native bf16 from Ampere (compute capability 8.0) on; older GPUs emulate it
         return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp32"
-    return "bf16" if device.type == "cpu" and _cpu_has_native_bf16() else "fp32"
+    if device.type != "cpu":
+        return "fp32"
+    flags = _cpu_flags()
+    if not flags & {"avx512_bf16", "amx_bf16"}:
+        return "fp32"
+    return "int8" if flags & {"avx512_vnni", "amx_int8"} and int8_convolution_available() else "bf16"
 
 
-def _cpu_has_native_bf16() -> bool:
+def _cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
-            flags = next((line for line in info if line.startswith("flags")), "").split()
+            return set(next((line for line in info if line.startswith("flags")), "").split())
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return set()
 
 
 def resolve_device(device: str) -> torch.device:
@@ -163,9 +176,15 @@ class KModel(nn.Module):
         """`fp32` computes every layer in the reference's operation order (it matches the reference to float
         rounding). `bf16`/`fp16` run the decoder's convolutions and matmuls in that precision (weights folded
         into it once) and fuse its AdaIN and Snake element-wise work; durations, F0 and energy, the sine source
-        and both STFTs stay in float32."""
+        and both STFTs stay in float32. `int8` (a CPU with oneDNN; fast where it has VNNI) is bf16 with the
+        convolutions of the generator's residual blocks, nearly all of its work, in int8: weights per output
+        channel, activations per call and tensor (`layers.Int8Conv1d`). An item's int8 result then depends on
+        the largest activation in its batch, so batched items are close to, not equal to, their single runs.
+        """
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        if precision == "int8" and (self.device.type != "cpu" or not int8_convolution_available()):
+            raise ValueError("precision int8 needs a CPU and a torch with oneDNN's int8 convolution")
         self.precision = precision
         reduced = PRECISIONS[precision] if precision != "fp32" else None
         self._set_kernel(adain_act_eager)  # compiled for the old dtype: call `compile_kernels` again
@@ -179,6 +198,10 @@ class KModel(nn.Module):
                 sub.fused = reduced is not None
             if isinstance(sub, WeightNormMixin):
                 sub.fold_weight_norm(reduced)  # reduced-precision weights once, not a cast per call
+        for sub in self.decoder.generator.modules():
+            if isinstance(sub, AdaINResBlock1):
+                sub.use_int8(precision == "int8")
+                sub.quantize = quantize_u8  # compiled by `compile_kernels`
 
     def compile_kernels(self, enabled: bool = True) -> bool:
         """Run the decoder's fused AdaIN + Snake work through `torch.compile` (see rt_server/model/kernels.py),
@@ -195,7 +218,9 @@ class KModel(nn.Module):
                 kernel = compiled_adain_act()
                 self._set_kernel(kernel)
                 self._warm_kernels()
-                if any(m.kernel is not kernel for m in self.decoder.modules() if isinstance(m, AdaIN1d)):
+                if any(m.kernel is not kernel for m in self.decoder.modules() if isinstance(m, AdaIN1d)) or any(
+                    m.quantize is quantize_u8 for m in self.decoder.modules() if isinstance(m, AdaINResBlock1)
+                ):
                     raise RuntimeError("a compiled kernel failed while warming up (logged above)")
             except Exception as exc:  # no C++ compiler, unsupported platform: serve eagerly rather than not at all
                 log.warning("compiled kernels unavailable, using eager ones: %s: %s", type(exc).__name__, exc)
@@ -204,9 +229,12 @@ class KModel(nn.Module):
         return kernel is not adain_act_eager
 
     def _set_kernel(self, kernel: AdainAct) -> None:
+        quantize = quantize_u8 if kernel is adain_act_eager else compiled_quantize_u8()
         for sub in self.decoder.modules():
             if isinstance(sub, AdaIN1d):
                 sub.kernel = kernel
+            if isinstance(sub, AdaINResBlock1):
+                sub.quantize = quantize
 
     def _warm_kernels(self) -> None:
         style = torch.zeros(self.config.style_dim * 2)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rt_server.model.kernels import INSTANCE_NORM_EPS, AdainAct, adain_act_eager, moments
+from rt_server.model.kernels import INSTANCE_NORM_EPS, U8_ZERO_POINT, AdainAct, adain_act_eager, moments
 
 _log = logging.getLogger(__name__)
 
@@ -92,6 +92,60 @@ class WNConv1d(WeightNormMixin, nn.Module):
         weight = self.effective_weight().to(dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
         return F.conv1d(x.to(dtype), weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def int8_convolution_available() -> bool:
+    """Whether this torch has oneDNN's int8 convolution (the kernel Inductor's x86 quantisation lowers to)."""
+    onednn = torch.ops.onednn
+    return bool(torch.backends.mkldnn.is_available()) and all(  # type: ignore[no-untyped-call]
+        hasattr(onednn, op) for op in ("qconv_prepack", "qconv_pointwise")
+    )
+
+
+class Int8Conv1d:
+    """A `WNConv1d` (stride 1, no groups) as oneDNN's int8 convolution, for the CPU's VNNI instructions.
+
+    Weights: the folded float32 weight quantised per output channel (symmetric, int8), packed once into
+    oneDNN's layout. Input: uint8 codes and a per-tensor scale (`kernels.quantize_u8`). Output: bfloat16,
+    dequantised and biased in the kernel. Not a module: nothing here is a parameter or in a checkpoint.
+    """
+
+    def __init__(self, conv: WNConv1d) -> None:
+        if conv.stride != 1 or conv.groups != 1:
+            raise ValueError("Int8Conv1d takes stride-1, ungrouped convolutions")
+        with torch.no_grad():
+            weight = torch._weight_norm(conv.weight_v, conv.weight_g, 0).detach().float().cpu()
+            self.w_scale = (weight.abs().amax(dim=(1, 2)) / 127.0).clamp_min(1e-12)
+            codes = torch.clamp(torch.round(weight / self.w_scale[:, None, None]), -128, 127).to(torch.int8)
+            self.bias = None if conv.bias is None else conv.bias.detach().float().cpu()
+        self.w_zero = torch.zeros(weight.shape[0], dtype=torch.long)
+        self.padding, self.dilation = [conv.padding], [conv.dilation]
+        # The input scale given here only picks the packed layout; each call passes its own.
+        self.packed = torch.ops.onednn.qconv_prepack(
+            codes, self.w_scale, 1.0, U8_ZERO_POINT, [1], self.padding, self.dilation, 1, None
+        )
+
+    def __call__(self, codes: Tensor, scale: Tensor) -> Tensor:
+        """codes: uint8 [B, C_in, L] (zero at `U8_ZERO_POINT`); scale: the codes' step. Returns bf16."""
+        return torch.ops.onednn.qconv_pointwise(
+            codes,
+            float(scale),
+            U8_ZERO_POINT,
+            self.packed,
+            self.w_scale,
+            self.w_zero,
+            self.bias,
+            [1],
+            self.padding,
+            self.dilation,
+            1,
+            1.0,
+            0,
+            torch.bfloat16,
+            "none",
+            [],
+            "",
+        )
 
 
 class WNConvTranspose1d(WeightNormMixin, nn.Module):
