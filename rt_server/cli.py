@@ -55,7 +55,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, compile_by_default: 
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=compile_default,
-        help="with bf16/fp16, compile the decoder's fused kernels at load (torch.compile; default: "
+        help="with bf16/fp16/int8, compile the decoder's fused kernels at load (torch.compile; default: "
         + ("on)" if compile_by_default else "off for this one-shot command)"),
     )
 

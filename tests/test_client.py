@@ -136,6 +136,10 @@ def test_settings_from_env_and_flags() -> None:
     assert uncompiled.models[0].compile is False
     assert ModelSpec.parse("name=a,precision=auto,compile=off") == ModelSpec(name="a", compile=False)
     assert Settings().models[0].precision == "auto"
+    assert ModelSpec.parse("name=a,precision=int8").precision == "int8"
+    assert build_parser().parse_args(["serve", "--precision", "int8"]).precision == "int8"
+    with pytest.raises(SettingsError, match="precision must be one of"):
+        ModelSpec.parse("name=a,precision=int4")
     # one-shot synthesis does not compile unless asked to
     assert build_parser().parse_args(["synth", "--phonemes", "a"]).compile is False
     assert build_parser().parse_args(["synth", "--phonemes", "a", "--compile"]).compile is True

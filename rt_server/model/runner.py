@@ -216,7 +216,7 @@ def load_runner(
 ) -> ModelRunner:
     """Load a model for serving. With no weights configured, the imported default (see docs/weights.md).
 
-    `precision="auto"` picks bf16 where the hardware computes it natively (`resolve_precision`); with reduced
+    `precision="auto"` picks int8 or bf16 where the hardware computes them natively (`resolve_precision`); with reduced
     precision, `compile_kernels` compiles the decoder's fused kernels now (see `KModel.compile_kernels`)."""
     if weights is None:
         from rt_server.weights import ensure_default_weights
