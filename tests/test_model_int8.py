@@ -133,3 +133,28 @@ def test_int8_without_the_kernel_is_refused(monkeypatch: pytest.MonkeyPatch) -> 
 def test_only_stride_one_ungrouped_convolutions_go_int8() -> None:
     with pytest.raises(ValueError, match="stride-1"):
         Int8Conv1d(WNConv1d(4, 4, 3, stride=2))
+
+
+def test_int8_on_another_device_is_refused() -> None:
+    model = tiny_model(seed=0)
+    model.to("meta")
+    with pytest.raises(ValueError, match="int8 needs a CPU"):
+        model.set_precision("int8")
+
+
+def test_a_failing_compiled_quantiser_falls_back_to_the_eager_one(caplog: pytest.LogCaptureFixture) -> None:
+    model = tiny_model(seed=0)
+    model.set_precision("int8")
+    ids = torch.tensor([model.tokenize(PHONEMES[0])])
+    want = model.forward_with_tokens(ids, _style()[None], noise=False)[0]
+
+    def broken(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise RuntimeError("no compiler")
+
+    blocks = [m for m in model.decoder.generator.modules() if isinstance(m, AdaINResBlock1)]
+    for block in blocks:
+        block.quantize = broken
+    got = model.forward_with_tokens(ids, _style()[None], noise=False)[0]
+    torch.testing.assert_close(got, want)
+    assert all(block.quantize is quantize_u8 for block in blocks)
+    assert "compiled quantiser failed" in caplog.text
