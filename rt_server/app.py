@@ -85,7 +85,6 @@ def session_config(settings: Settings) -> SessionConfig:
         idle_cut_ms=settings.idle_cut_ms,
         first_segment_min_phonemes=settings.first_segment_min_phonemes,
         short_first_segment=settings.short_first_segment,
-        short_first_segment_max_load=settings.short_first_segment_max_load,
         clause_min_phonemes=settings.clause_min_phonemes,
         join_pause_frames=pause_frames if settings.trim_pauses else None,
         first_chunk_frames=math.ceil(settings.first_chunk_ms / MS_PER_DURATION_FRAME) or None,

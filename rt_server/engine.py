@@ -45,8 +45,6 @@ T = TypeVar("T")
 # Commands waiting for the engine thread. Sessions bound what they submit (pending phonemes and tickets), so
 # this is far above normal use: 65536 commands of ~200 B is ~13 MiB at worst. Beyond it `submit` raises.
 MAX_QUEUED_COMMANDS: Final = 65_536
-# `ModelEngine.model_load` averages the model's busy time over this much wall time.
-LOAD_WINDOW_S: Final = 5.0
 
 
 def _vocabulary(runner: ModelRunnerLike) -> frozenset[str]:
@@ -250,7 +248,6 @@ class ModelEngine:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._deliver: dict[str, Deliver] = {}  # event-loop side: open sessions
-        self._steps: deque[tuple[float, float]] = deque()  # event-loop side: (ended at, compute s) per step
         self._info: ModelInfo | None = None
         self.stats = EngineStats()  # replaced (never mutated) by the engine thread
 
@@ -349,27 +346,14 @@ class ModelEngine:
     def open_sessions(self) -> int:
         return len(self._deliver)
 
-    def model_load(self) -> float:
-        """The share of the last `LOAD_WINDOW_S` the model spent in finished steps (0..1; on the event loop)."""
-        self._forget_steps(time.monotonic())
-        return min(1.0, sum(seconds for _, seconds in self._steps) / LOAD_WINDOW_S)
-
-    def _forget_steps(self, now: float) -> None:
-        while self._steps and self._steps[0][0] < now - LOAD_WINDOW_S:
-            self._steps.popleft()
-
     def _dispatch(self, outcomes: list[SegmentOutcome], report: BatchReport | None) -> None:
         """On the event loop: hand each outcome to its session, if it is still open."""
         for outcome in outcomes:
             deliver = self._deliver.get(outcome.session_id)
             if deliver is not None:
                 deliver(outcome)
-        if report is not None:
-            now = time.monotonic()
-            self._forget_steps(now)  # bounded: a window's worth of steps
-            self._steps.append((now, report.compute_s))
-            if self._on_batch is not None:
-                self._on_batch(report)
+        if report is not None and self._on_batch is not None:
+            self._on_batch(report)
 
     def _fail_sessions(self, only: str | None = None) -> None:
         """On the event loop, after the engine thread died: every open session (or `only` that one) fails

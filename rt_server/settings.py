@@ -104,9 +104,6 @@ class Settings:
     # Segmenting
     first_segment_min_phonemes: int = 12
     short_first_segment: bool = True  # off: a turn's first segment is cut like the rest (whole sentences)
-    # A turn's first segment is cut short only while the model was busy at most this share of the last few
-    # seconds (ModelEngine.load): under heavier load, whole sentences keep the sessions' buffers ahead. 1: always
-    short_first_segment_max_load: float = 0.6
     clause_min_phonemes: int = 100
     trim_pauses: bool = True  # off: every segment keeps the model's boundary pauses (0.4 s before, 0.3 s after)
     join_pause_ms: int = 50  # with trim_pauses: silence kept before a turn's first word and at mid-sentence cuts
@@ -158,8 +155,6 @@ class Settings:
                 raise SettingsError(f"{name} must be positive")
         if not 0 <= self.buffer_low_water_ms <= self.max_buffer_ms:
             raise SettingsError("buffer_low_water_ms must be within 0..max_buffer_ms")
-        if not 0.0 <= self.short_first_segment_max_load <= 1.0:
-            raise SettingsError("short_first_segment_max_load must be within 0..1")
         if not 0.0 <= self.max_padding_waste < 1.0:
             raise SettingsError("max_padding_waste must be within 0..1 (exclusive)")
         if self.max_batch_tokens < 512:

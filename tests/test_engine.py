@@ -322,25 +322,3 @@ async def test_an_opening_goes_ahead_only_when_no_other_session_waits() -> None:
     await engine.stop()
     assert runner.first_chunks == [None, None, None, 2]
     assert [(o.seq, isinstance(o, SegmentAudio) and o.final) for o in b.items] == [(0, True), (1, False), (1, True)]
-
-
-def test_model_load_is_the_busy_share_of_the_last_window(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The share of the last `LOAD_WINDOW_S` spent in finished steps, from their reports; older steps drop out."""
-    import rt_server.engine as engine_module
-    from rt_server.engine import LOAD_WINDOW_S, BatchReport
-
-    clock = [100.0]
-    monkeypatch.setattr(engine_module.time, "monotonic", lambda: clock[0])
-    engine = ModelEngine("idle", lambda: LoadedModel(None, _request), SchedulerConfig(), noise=False)  # type: ignore[arg-type]
-    assert engine.model_load() == 0.0
-    engine._dispatch([], BatchReport("m", 1, 20, 1.0, 4.0, False))
-    clock[0] += 1.0
-    engine._dispatch([], BatchReport("m", 1, 20, 1.5, 4.0, False))
-    assert engine.model_load() == pytest.approx(2.5 / LOAD_WINDOW_S)
-    clock[0] += LOAD_WINDOW_S - 0.5  # the first step is now older than the window
-    assert engine.model_load() == pytest.approx(1.5 / LOAD_WINDOW_S)
-    for _ in range(10):  # never above 1
-        engine._dispatch([], BatchReport("m", 1, 20, 2.0, 4.0, False))
-    assert engine.model_load() == 1.0
-    clock[0] += 2 * LOAD_WINDOW_S
-    assert engine.model_load() == 0.0

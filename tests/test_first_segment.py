@@ -16,7 +16,7 @@ import websockets
 from server_harness import make_settings, receive_until_closed, start_server
 
 from rt_server.app import session_config
-from rt_server.settings import Settings, SettingsError
+from rt_server.settings import Settings
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -59,54 +59,6 @@ async def test_short_first_segment_on_and_off() -> None:
     async with asyncio.timeout(100):
         assert await _first_segments(True) == ["ðə kwˈɪk", "bɹˈWn fˈɑːks ʤˈʌmps ˌOvɚ ðə lˈAzi dˈɑːɡ.", LATER]
         assert await _first_segments(False) == [SENTENCE, LATER]
-
-
-async def _turns(**settings: Any) -> list[str]:
-    """SENTENCE then LATER as two turns (each streamed word by word, then `flush`): the segments' phonemes."""
-    server = start_server(make_settings(first_segment_min_phonemes=8, **settings))
-    phonemes: list[str] = []
-    try:
-        async with websockets.connect(server.url, compression=None) as ws:
-            await ws.send(json.dumps({"type": "start", "alignment": True}))
-            assert json.loads(await ws.recv())["type"] == "ready"
-            for turn, text in enumerate((SENTENCE, LATER)):
-                for word in text.split():
-                    await ws.send(json.dumps({"type": "phonemes", "text": word + " "}))
-                await ws.send(json.dumps({"type": "flush", "id": turn}))
-                while True:  # the turn's events, until it is flushed
-                    message = await ws.recv()
-                    event = json.loads(message) if isinstance(message, str) else {"type": "audio"}
-                    if event["type"] == "segment":
-                        phonemes.append(event["phonemes"])
-                    if event["type"] == "flushed":
-                        break
-            await ws.send(json.dumps({"type": "close"}))
-            got = await receive_until_closed(ws)
-    finally:
-        await asyncio.to_thread(server.stop)
-    assert got.close_code == 1000
-    return phonemes
-
-
-@pytest.mark.asyncio
-async def test_a_busy_model_gets_whole_first_sentences() -> None:
-    """`short_first_segment_max_load`: a turn's first segment is cut short only while the model's load over the
-    last seconds is at most the setting. At 0, the first turn (an idle model) is cut short and the second, which
-    starts after the first turn's synthesis, is not; at 1 (always), both are."""
-    async with asyncio.timeout(100):
-        assert await _turns(short_first_segment_max_load=0.0) == [
-            "ðə kwˈɪk",
-            "bɹˈWn fˈɑːks ʤˈʌmps ˌOvɚ ðə lˈAzi dˈɑːɡ.",
-            LATER,
-        ]
-        always = await _turns(short_first_segment_max_load=1.0)
-        assert always[:2] == ["ðə kwˈɪk", "bɹˈWn fˈɑːks ʤˈʌmps ˌOvɚ ðə lˈAzi dˈɑːɡ."] and len(always) == 4
-    assert (
-        Settings.from_sources({"RT_SERVER_SHORT_FIRST_SEGMENT_MAX_LOAD": "0.25"}).short_first_segment_max_load == 0.25
-    )
-    assert session_config(Settings(short_first_segment_max_load=0.25)).short_first_segment_max_load == 0.25
-    with pytest.raises(SettingsError, match="short_first_segment_max_load"):
-        Settings(short_first_segment_max_load=1.5)
 
 
 def _pauses(segments: list[dict[str, Any]]) -> list[tuple[float, float]]:

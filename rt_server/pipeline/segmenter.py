@@ -98,11 +98,6 @@ class Segmenter:
         return self._buffer
 
     @property
-    def turn_open(self) -> bool:
-        """A segment of the current turn has been cut (the next is not the turn's first)."""
-        return self._turn_open
-
-    @property
     def pending_phonemes(self) -> int:
         return len(self._buffer)
 

@@ -298,13 +298,6 @@ class Session:
             return
         if self._ttfa_since is None and not self._playout_len() and not self._outbox.has_audio():
             self._ttfa_since = time.monotonic()
-        if not self._segmenter.turn_open and not self._segmenter.pending.strip():
-            # A turn's first words: cut its first segment short only while the model has time to spare. Under
-            # heavier load the listener's wait is longer anyway, and a whole sentence keeps the buffer ahead.
-            self._segmenter.short_first_segment = (
-                self._config.short_first_segment
-                and self._backend.model_load() <= self._config.short_first_segment_max_load
-            )
         self._segmenter.append(text)
         self._cut(force=False)
         self._cancel_timer("idle")

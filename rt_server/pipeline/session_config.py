@@ -16,8 +16,6 @@ class SessionConfig:
     idle_cut_ms: int = 500  # text after the last cut is synthesised after this long without input
     first_segment_min_phonemes: int = 12
     short_first_segment: bool = True  # off: the first segment of a turn is cut like the others
-    # ... and on, only while the model's recent load (`SynthesisBackend.load`) is at most this
-    short_first_segment_max_load: float = 1.0
     clause_min_phonemes: int = 100
     # Frames of boundary silence kept before a turn's first word and on both sides of a mid-sentence cut;
     # None: the model's own pauses (about 0.4 s before and 0.3 s after every segment).
