@@ -85,9 +85,10 @@ class AdaINResBlock1(nn.Module):
 
     def use_int8(self, enabled: bool) -> None:
         """Run the convolutions in int8 (their weights quantised and packed now), or back in the float path."""
-        convs = [c for c in [*self.convs1, *self.convs2] if isinstance(c, WNConv1d)]
-        pairs = zip(convs[: len(convs) // 2], convs[len(convs) // 2 :], strict=True)
-        self.int8 = [(Int8Conv1d(c1), Int8Conv1d(c2)) for c1, c2 in pairs] if enabled else None
+        self.int8 = None
+        if enabled:
+            pairs = zip(self.convs1, self.convs2, strict=True)
+            self.int8 = [(Int8Conv1d(c1), Int8Conv1d(c2)) for c1, c2 in pairs]
 
     def forward(self, x: Tensor, s: Tensor, mask: Tensor | None) -> Tensor:
         for k, (c1, c2, n1, n2, a1, a2) in enumerate(

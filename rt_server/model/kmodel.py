@@ -200,8 +200,7 @@ class KModel(nn.Module):
                 sub.fold_weight_norm(reduced)  # reduced-precision weights once, not a cast per call
         for sub in self.decoder.generator.modules():
             if isinstance(sub, AdaINResBlock1):
-                sub.use_int8(precision == "int8")
-                sub.quantize = quantize_u8  # compiled by `compile_kernels`
+                sub.use_int8(precision == "int8")  # its quantiser is eager until `compile_kernels`
 
     def compile_kernels(self, enabled: bool = True) -> bool:
         """Run the decoder's fused AdaIN + Snake work through `torch.compile` (see rt_server/model/kernels.py),

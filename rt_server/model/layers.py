@@ -44,15 +44,19 @@ class WeightNormMixin:
     weight_v: nn.Parameter
     folded_weight: Tensor | None
 
+    def normed_weight(self) -> Tensor:
+        """`g * v / ||v||` from the parameters, in their dtype (ignores the folded cache)."""
+        return torch._weight_norm(self.weight_v, self.weight_g, 0)
+
     def effective_weight(self) -> Tensor:
         if self.folded_weight is not None:
             return self.folded_weight
-        return torch._weight_norm(self.weight_v, self.weight_g, 0)
+        return self.normed_weight()
 
     def fold_weight_norm(self, dtype: torch.dtype | None = None) -> None:
         """Cache `g * v / ||v||`, computed in float32 and stored in `dtype` (default: the parameters')."""
         with torch.no_grad():
-            folded = torch._weight_norm(self.weight_v, self.weight_g, 0).detach().clone()
+            folded = self.normed_weight().detach().clone()
             self.folded_weight = folded if dtype is None else folded.to(dtype)
 
     def compute_dtype(self, x: Tensor) -> torch.dtype:
@@ -110,11 +114,11 @@ class Int8Conv1d:
     dequantised and biased in the kernel. Not a module: nothing here is a parameter or in a checkpoint.
     """
 
-    def __init__(self, conv: WNConv1d) -> None:
-        if conv.stride != 1 or conv.groups != 1:
-            raise ValueError("Int8Conv1d takes stride-1, ungrouped convolutions")
+    def __init__(self, conv: nn.Module) -> None:
+        if not isinstance(conv, WNConv1d) or conv.stride != 1 or conv.groups != 1:
+            raise ValueError("Int8Conv1d takes stride-1, ungrouped WNConv1d convolutions")
         with torch.no_grad():
-            weight = torch._weight_norm(conv.weight_v, conv.weight_g, 0).detach().float().cpu()
+            weight = conv.normed_weight().detach().float().cpu()
             self.w_scale = (weight.abs().amax(dim=(1, 2)) / 127.0).clamp_min(1e-12)
             codes = torch.clamp(torch.round(weight / self.w_scale[:, None, None]), -128, 127).to(torch.int8)
             self.bias = None if conv.bias is None else conv.bias.detach().float().cpu()
