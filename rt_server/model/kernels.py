@@ -81,9 +81,10 @@ def compiled_adain_act() -> AdainAct:
     global _compiled
     if _compiled is None:
         # One compiled variant per input kind: activation dtype (float32 in the decoder's first blocks,
-        # reduced after a convolution) x with or without Snake x batch of one or more x masked or not.
+        # reduced after a convolution) x with or without Snake x batch of one or more x masked or not, and
+        # some of them again per channel count where Inductor specialised on the sizes it met.
         dynamo_config = torch._dynamo.config
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 32)
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
         # Not fullgraph: past the recompile limit dynamo runs the function as plain Python (the same result,
         # slower) instead of raising in the middle of a request.
         _compiled = torch.compile(adain_act_reference, dynamic=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +45,10 @@ _FADE_SAMPLES = 120  # 5 ms at 24 kHz, where boundary silence is cut (`_trim_bou
 # so neither the audio kept nor the seam where the windows are faded together sees a window's edge.
 GENERATOR_CONTEXT_FRAMES = 6
 _SEAM_SAMPLES = 240  # 10 ms: where `stream_batch`'s second window fades in over the first
+# Generator windows `KModel.compile_kernels` runs while warming up (see `_warm_kernels`).
+_WARM_WINDOW_FRAMES = (9, 26, 33, 40, 64, 100, 200)
+# Generator lengths padded to `bucket_frames` are multiples of this many frames (200 ms) at least.
+_BUCKET_MIN_STEP_FRAMES = 8
 # The dtype the decoder computes in; "int8" is bf16 with the generator's residual convolutions in int8 (CPU).
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.bfloat16}
 # Buffers some transformers versions saved with ALBERT; harmless and ignored on load.
@@ -108,10 +112,26 @@ class _Prepared:
     pred_dur: list[Tensor]
 
 
+def bucket_frames(frames: int) -> int:
+    """The length an n-frame generator pass is padded to when `KModel.bucket_lengths` is on: a multiple of 8
+    frames up to 128, then of an eighth of the power of two at or below n (at most 12.5 % more work, 6 % on
+    average). oneDNN builds a convolution's kernels for each input length it meets, and on CPUs with AMX that
+    takes 50-120 ms per convolution (about 1 s for a generator pass in int8, 0.1 s in bf16); a few dozen
+    lengths instead of every length lets them be built once, at warm-up or on first use."""
+    if frames < 1:
+        raise ValueError("a generator pass needs at least one frame")
+    step = max(_BUCKET_MIN_STEP_FRAMES, 1 << max(0, frames.bit_length() - 4))
+    return -(-frames // step) * step
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto`: on a CPU with native bf16 (AVX512-BF16 or AMX) and int8 dot products (AVX512-VNNI or AMX),
-    int8 (bf16 with the generator's convolutions in int8); with native bf16 only, bf16; on a CUDA GPU that
-    computes bf16 natively, bf16; else fp32. Other values pass through."""
+    """`auto`: on a CPU with AVX512-BF16 and AVX512-VNNI but no AMX, int8 (bf16 with the generator's
+    convolutions in int8: 1.2-1.3x bf16's speed there); on a CPU with AMX, or with AVX512-BF16 alone, bf16; on
+    a CUDA GPU that computes bf16 natively, bf16; else fp32. Other values pass through.
+
+    With AMX, oneDNN's int8 convolutions are no faster than its bf16 ones for the short windows that decide
+    the time to first audio (150 against 105 ms for a 33-frame window), and building them for a new length
+    costs about ten times as much (docs/performance.md)."""
     if precision != "auto":
         return precision
     if device.type == "cuda":  # native bf16 from Ampere (compute capability 8.0) on; older GPUs emulate it
@@ -121,7 +141,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     flags = _cpu_flags()
     if not flags & {"avx512_bf16", "amx_bf16"}:
         return "fp32"
-    return "int8" if flags & {"avx512_vnni", "amx_int8"} and int8_convolution_available() else "bf16"
+    if "amx_bf16" in flags:
+        return "bf16"
+    return "int8" if "avx512_vnni" in flags and int8_convolution_available() else "bf16"
 
 
 def _cpu_flags() -> set[str]:
@@ -186,6 +208,9 @@ class KModel(nn.Module):
         if precision == "int8" and (self.device.type != "cpu" or not int8_convolution_available()):
             raise ValueError("precision int8 needs a CPU and a torch with oneDNN's int8 convolution")
         self.precision = precision
+        # Reduced precision on a CPU runs oneDNN kernels built per input length: pad the generator's passes to a
+        # few lengths (`bucket_frames`). fp32 keeps the reference's exact, unpadded path.
+        self.bucket_lengths = precision != "fp32" and self.device.type == "cpu"
         reduced = PRECISIONS[precision] if precision != "fp32" else None
         self._set_kernel(adain_act_eager)  # compiled for the old dtype: call `compile_kernels` again
         for sub in self.modules():
@@ -235,6 +260,7 @@ class KModel(nn.Module):
             if isinstance(sub, AdaINResBlock1):
                 sub.quantize = quantize
 
+    @torch.inference_mode()
     def _warm_kernels(self) -> None:
         style = torch.zeros(self.config.style_dim * 2)
         symbol = next(iter(self.vocab))
@@ -242,6 +268,18 @@ class KModel(nn.Module):
         self.forward_batch([short])
         self.forward_batch([short, longer])  # masked kernels
         self.forward_batch([short, short])  # a batch of more than one, unpadded
+        # Single windows of several lengths, padded to their buckets or not: Inductor's first graphs guard on
+        # the sizes they met, and a length the server meets later would otherwise compile anew mid-request.
+        self.warm_generator(longer, _WARM_WINDOW_FRAMES)
+
+    @torch.inference_mode()
+    def warm_generator(self, item: BatchItem, frames: Iterable[int]) -> None:
+        """Run the generator once over each of these lengths (from the start of `item`, at most all of it), so
+        that the kernels for them (per bucket, see `bucket_frames`) are built before a request meets them."""
+        prepared = self._prepare([item])
+        total = int(prepared.geo.frames[0])
+        for n in frames:
+            self._render(prepared, [(0, max(1, min(n, total)))])
 
     @property
     def device(self) -> torch.device:
@@ -413,6 +451,8 @@ class KModel(nn.Module):
         cuts: list[int | None] = []  # the split, in the item's frames
         for (k0, k1), n in zip(kept, first_frames, strict=True):
             opening = None if n is None else max(n, math.ceil((k1 - k0) * first_share))
+            if opening is not None and self.bucket_lengths:  # the first window fills its bucket with audio
+                opening = bucket_frames(k0 + opening + context) - k0 - context
             cuts.append(None if opening is None or k1 - k0 - opening <= context else k0 + opening)
         first = [(0, f if c is None else c + context) for f, c in zip(frames, cuts, strict=True)]
         audio = self._render(prepared, first)
@@ -499,12 +539,13 @@ class KModel(nn.Module):
         frames = prepared.geo.frames.tolist()
         rows = range(len(frames)) if rows is None else rows
         whole = [(0, f) for f in frames]
-        if list(rows) == list(range(len(frames))) and list(windows) == whole:
+        spans = [b - a for a, b in windows]
+        F_max = bucket_frames(max(spans)) if self.bucket_lengths else max(spans)
+        if list(rows) == list(range(len(frames))) and list(windows) == whole and F_max == max(frames):
             x, har, s, geo = prepared.x, prepared.har, prepared.s, prepared.geo
         else:
-            spans = [b - a for a, b in windows]
-            geo = self._geometry(torch.tensor(spans, device=prepared.x.device))
-            F_max, B = max(spans), len(spans)
+            geo = self._geometry(torch.tensor(spans, device=prepared.x.device), F_max)
+            B = len(spans)
             per_frame = SAMPLES_PER_FRAME // self.config.istftnet.gen_istft_hop_size  # STFT frames
             x = prepared.x.new_zeros(B, prepared.x.shape[1], 2 * F_max)
             har = prepared.har.new_zeros(B, prepared.har.shape[1], per_frame * F_max + 1)
@@ -517,13 +558,15 @@ class KModel(nn.Module):
         audio = audio.float().cpu()
         return [audio[i, : (b - a) * SAMPLES_PER_FRAME] for i, (a, b) in enumerate(windows)]
 
-    def _geometry(self, frames: Tensor) -> FrameGeometry:
+    def _geometry(self, frames: Tensor, length: int | None = None) -> FrameGeometry:
+        """Items of `frames` duration frames, in tensors `length` frames long (default: the longest item's)."""
+        lengths = frames.tolist()
         return FrameGeometry(
             frames=frames,
             n_fft=self.config.istftnet.gen_istft_n_fft,
             hop=self.config.istftnet.gen_istft_hop_size,
             upsample_rates=self.config.istftnet.upsample_rates,
-            padded=len(set(frames.tolist())) > 1,
+            padded=len(set(lengths)) > 1 or (length is not None and length > max(lengths)),
         )
 
     def _reduced(self) -> AbstractContextManager[object]:

@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 # `ModelRunner.opening_share`: the rest's synthesis must fit in this share of the opening's playing time.
 OPENING_SLACK = 0.5
+# Generator lengths built at warm-up (duration frames, 25 ms each): the buckets up to 3.2 s of audio, which hold a
+# turn's first windows and most short segments (`KModel.bucket_lengths`).
+WARMUP_WINDOW_FRAMES = range(16, 129, 8)
 # A sentence of typical length in Kokoro's English phonemes, for the warm-up.
 WARMUP_SENTENCE = "ðə kwˈɪk bɹˈWn fˈɑks ʤˈʌmps ˌOvəɹ ðə lˈAzi dˈɔɡ."
 
@@ -145,6 +148,10 @@ class ModelRunner:
         model whose vocabulary lacks the sentence's symbols."""
         phonemes = "hˈɛloʊ" if self.unknown_symbols(WARMUP_SENTENCE) else WARMUP_SENTENCE
         self.synthesize([SynthesisRequest(phonemes, self.voice_names()[0])])
+        if self.model.bucket_lengths:
+            # The generator's kernels for the lengths a turn's first windows and short segments are padded to.
+            style = torch.from_numpy(style_row(self.voices.pack(self.voice_names()[0]), phonemes).copy())
+            self.model.warm_generator(self.model.item(phonemes, style, noise=False), WARMUP_WINDOW_FRAMES)
         # And in two windows, as a turn's first segment is: the windows' shapes, and the speed of the second
         # (`opening_share`) measured before the first request.
         self.synthesize([SynthesisRequest(phonemes, self.voice_names()[0], first_chunk_frames=1)], lambda *_: None)
