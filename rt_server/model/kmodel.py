@@ -34,6 +34,7 @@ from rt_server.model.layers import (
     apply_mask,
     int8_convolution_available,
     sequence_mask,
+    weight_packing_available,
 )
 from rt_server.model.prosody import ProsodyPredictor, TextEncoder, expand_to_frames
 
@@ -218,11 +219,14 @@ class KModel(nn.Module):
                 sub.fused = False
             if isinstance(sub, WeightNormMixin):
                 sub.fold_weight_norm(None)
+        pack = reduced == torch.bfloat16 and self.device.type == "cpu" and weight_packing_available()
         for sub in self.decoder.modules():
             if isinstance(sub, AdaIN1d):
                 sub.fused = reduced is not None
             if isinstance(sub, WeightNormMixin):
                 sub.fold_weight_norm(reduced)  # reduced-precision weights once, not a cast per call
+                if pack:
+                    sub.pack_weight()  # and in oneDNN's layout once, not a reorder per call
         for sub in self.decoder.generator.modules():
             if isinstance(sub, AdaINResBlock1):
                 sub.use_int8(precision == "int8")  # its quantiser is eager until `compile_kernels`
