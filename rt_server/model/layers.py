@@ -143,7 +143,8 @@ class WNConv1d(WeightNormMixin, nn.Module):
     def _pack(self, weight: Tensor) -> Tensor:
         padding, stride, dilation = self._geometry2d()
         size = [1, self.weight_v.shape[1] * self.groups, 1, _PACK_HINT_LENGTH]
-        return torch._C._nn.mkldnn_reorder_conv2d_weight(weight.to_mkldnn(), padding, stride, dilation, self.groups, size)
+        reorder = torch.ops.aten.mkldnn_reorder_conv2d_weight  # with the input size, which torch's stub lacks
+        return reorder(weight.to_mkldnn(), padding, stride, dilation, self.groups, size)
 
 
 def int8_convolution_available() -> bool:
