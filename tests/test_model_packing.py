@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rt_server.model.layers import WeightNormMixin, WNConv1d, WNConvTranspose1d, weight_packing_available
+from rt_server.model.layers import (
+    PackableLinear,
+    WeightNormMixin,
+    WNConv1d,
+    WNConvTranspose1d,
+    weight_packing_available,
+)
 from rt_server.model.runner import tiny_model
 
 pytestmark = pytest.mark.skipif(not weight_packing_available(), reason="this torch has no oneDNN bf16 convolution")
@@ -70,3 +76,40 @@ def test_a_packed_transposed_convolution_equals_conv_transpose1d() -> None:
             plain = conv(x)
             assert conv.pack_weight() is True
             assert torch.equal(conv(x), plain)
+
+
+def test_bf16_packs_albert_for_the_cpu_and_fp32_keeps_the_references_products() -> None:
+    model = tiny_model(seed=0)
+    linears = [m for m in model.modules() if isinstance(m, PackableLinear)]
+    assert len(linears) == 8  # ALBERT's seven layers and the projection after it
+    assert all(m.packed_weight is None for m in linears)
+    model.set_precision("bf16")
+    assert all(m.packed_weight is not None for m in linears)
+    model.set_precision("fp32")
+    assert all(m.packed_weight is None for m in linears)
+
+
+def test_a_packed_linear_layer_equals_nn_linear_to_float_rounding() -> None:
+    torch.manual_seed(0)
+    layer = PackableLinear(48, 80)
+    x = torch.randn(2, 13, 48)
+    with torch.inference_mode():
+        plain = layer(x)
+        assert layer.pack_weight() is True
+        packed = layer(x)
+        torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
+        assert torch.equal(layer(x[0]), packed[0])  # any number of rows runs on the one packed copy
+        assert layer.pack_weight(False) is False
+        assert torch.equal(layer(x), plain)
+    layer.to(torch.bfloat16)
+    assert layer.pack_weight() is False  # float32 weights only
+
+
+def test_bf16_durations_equal_fp32_with_the_packed_front() -> None:
+    fp32, bf16 = tiny_model(seed=0), tiny_model(seed=0)
+    bf16.set_precision("bf16")
+    style = torch.randn(256, generator=torch.Generator().manual_seed(5)) * 0.15
+    for phonemes in ("ðə kwˈɪk bɹˈWn fˈɑks ʤˈʌmps", "hˈɛlO wˈɜɹld", "ɐ"):
+        a = fp32.forward_batch([fp32.item(phonemes, style, noise=False)])[0]
+        b = bf16.forward_batch([bf16.item(phonemes, style, noise=False)])[0]
+        assert torch.equal(a.pred_dur, b.pred_dur)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rt_server.model.config import PLBertConfig
+from rt_server.model.layers import PackableLinear
 
 
 def gelu_new(x: Tensor) -> Tensor:
@@ -42,10 +43,10 @@ class AlbertAttention(nn.Module):
         super().__init__()
         hidden = config.hidden_size
         self.num_heads = config.num_attention_heads
-        self.query = nn.Linear(hidden, hidden)
-        self.key = nn.Linear(hidden, hidden)
-        self.value = nn.Linear(hidden, hidden)
-        self.dense = nn.Linear(hidden, hidden)
+        self.query = PackableLinear(hidden, hidden)
+        self.key = PackableLinear(hidden, hidden)
+        self.value = PackableLinear(hidden, hidden)
+        self.dense = PackableLinear(hidden, hidden)
         self.LayerNorm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
 
     def forward(self, x: Tensor, key_mask: Tensor | None) -> Tensor:
@@ -65,8 +66,8 @@ class AlbertLayer(nn.Module):
     def __init__(self, config: PLBertConfig) -> None:
         super().__init__()
         self.attention = AlbertAttention(config)
-        self.ffn = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.ffn_output = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.ffn = PackableLinear(config.hidden_size, config.intermediate_size)
+        self.ffn_output = PackableLinear(config.intermediate_size, config.hidden_size)
         self.full_layer_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, x: Tensor, key_mask: Tensor | None) -> Tensor:
@@ -85,7 +86,7 @@ class AlbertEncoder(nn.Module):
     def __init__(self, config: PLBertConfig) -> None:
         super().__init__()
         self.num_hidden_layers = config.num_hidden_layers
-        self.embedding_hidden_mapping_in = nn.Linear(config.embedding_size, config.hidden_size)
+        self.embedding_hidden_mapping_in = PackableLinear(config.embedding_size, config.hidden_size)
         self.albert_layer_groups = nn.ModuleList([AlbertLayerGroup(config)])
 
     def forward(self, x: Tensor, key_mask: Tensor | None) -> Tensor:

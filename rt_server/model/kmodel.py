@@ -30,6 +30,7 @@ from rt_server.model.kernels import AdainAct, adain_act_eager, compiled_adain_ac
 from rt_server.model.layers import (
     AdaIN1d,
     InstanceNormAffine,
+    PackableLinear,
     WeightNormMixin,
     apply_mask,
     int8_convolution_available,
@@ -48,8 +49,8 @@ GENERATOR_CONTEXT_FRAMES = 6
 _SEAM_SAMPLES = 240  # 10 ms: where `stream_batch`'s second window fades in over the first
 # Generator windows `KModel.compile_kernels` runs while warming up (see `_warm_kernels`).
 _WARM_WINDOW_FRAMES = (9, 26, 33, 40, 64, 100, 200)
-# Generator lengths padded to `bucket_frames` are multiples of this many frames (200 ms) at least.
-_BUCKET_MIN_STEP_FRAMES = 8
+# Lengths padded to `bucket_length` are multiples of this many tokens or frames (200 ms) at least.
+_BUCKET_MIN_STEP = 8
 # The dtype the decoder computes in; "int8" is bf16 with the generator's residual convolutions in int8 (CPU).
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.bfloat16}
 # Buffers some transformers versions saved with ALBERT; harmless and ignored on load.
@@ -113,16 +114,17 @@ class _Prepared:
     pred_dur: list[Tensor]
 
 
-def bucket_frames(frames: int) -> int:
-    """The length an n-frame generator pass is padded to when `KModel.bucket_lengths` is on: a multiple of 8
-    frames up to 128, then of an eighth of the power of two at or below n (at most 12.5 % more work, 6 % on
-    average). oneDNN builds a convolution's kernels for each input length it meets, and on CPUs with AMX that
-    takes 50-120 ms per convolution (about 1 s for a generator pass in int8, 0.1 s in bf16); a few dozen
-    lengths instead of every length lets them be built once, at warm-up or on first use."""
-    if frames < 1:
-        raise ValueError("a generator pass needs at least one frame")
-    step = max(_BUCKET_MIN_STEP_FRAMES, 1 << max(0, frames.bit_length() - 4))
-    return -(-frames // step) * step
+def bucket_length(n: int) -> int:
+    """The length n tokens or frames are padded to when `KModel.bucket_lengths` is on: a multiple of 8 up to
+    128, then of an eighth of the power of two at or below n (at most 12.5 % more work, 6 % on average).
+    oneDNN builds a convolution's (and an LSTM's) kernels for each input length it meets, and on CPUs with AMX
+    that takes 50-120 ms per generator convolution (about 1 s for a generator pass in int8, 0.1 s in bf16, and
+    25-50 ms for the model's front); a few dozen lengths instead of every length lets them be built once, at
+    warm-up or on first use."""
+    if n < 1:
+        raise ValueError("a length to bucket must be at least 1")
+    step = max(_BUCKET_MIN_STEP, 1 << max(0, n.bit_length() - 4))
+    return -(-n // step) * step
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -185,7 +187,7 @@ class KModel(nn.Module):
         self.max_phonemes = cfg.max_phonemes
         self.precision = precision
         self.bert = CustomAlbert(cfg.plbert, cfg.n_token)
-        self.bert_encoder = nn.Linear(cfg.plbert.hidden_size, cfg.hidden_dim)
+        self.bert_encoder = PackableLinear(cfg.plbert.hidden_size, cfg.hidden_dim)
         self.predictor = ProsodyPredictor(cfg.style_dim, cfg.hidden_dim, cfg.n_layer, cfg.max_dur)
         self.text_encoder = TextEncoder(cfg.hidden_dim, cfg.text_encoder_kernel_size, cfg.n_layer, cfg.n_token)
         self.decoder = Decoder(cfg.hidden_dim, cfg.style_dim, cfg.decoder_width, cfg.asr_res_dim, cfg.istftnet)
@@ -209,8 +211,8 @@ class KModel(nn.Module):
         if precision == "int8" and (self.device.type != "cpu" or not int8_convolution_available()):
             raise ValueError("precision int8 needs a CPU and a torch with oneDNN's int8 convolution")
         self.precision = precision
-        # Reduced precision on a CPU runs oneDNN kernels built per input length: pad the generator's passes to a
-        # few lengths (`bucket_frames`). fp32 keeps the reference's exact, unpadded path.
+        # Reduced precision on a CPU runs oneDNN kernels built per input length: pad tokens, frames and the
+        # generator's windows to a few lengths (`bucket_length`). fp32 keeps the reference's exact, unpadded path.
         self.bucket_lengths = precision != "fp32" and self.device.type == "cpu"
         reduced = PRECISIONS[precision] if precision != "fp32" else None
         self._set_kernel(adain_act_eager)  # compiled for the old dtype: call `compile_kernels` again
@@ -220,6 +222,9 @@ class KModel(nn.Module):
             if isinstance(sub, WeightNormMixin):
                 sub.fold_weight_norm(None)
         pack = reduced == torch.bfloat16 and self.device.type == "cpu" and weight_packing_available()
+        for sub in self.modules():
+            if isinstance(sub, PackableLinear):
+                sub.pack_weight(pack)  # ALBERT's float32 layers: same values up to the last bits, so not in fp32
         for sub in self.decoder.modules():
             if isinstance(sub, AdaIN1d):
                 sub.fused = reduced is not None
@@ -274,16 +279,22 @@ class KModel(nn.Module):
         self.forward_batch([short, short])  # a batch of more than one, unpadded
         # Single windows of several lengths, padded to their buckets or not: Inductor's first graphs guard on
         # the sizes they met, and a length the server meets later would otherwise compile anew mid-request.
-        self.warm_generator(longer, _WARM_WINDOW_FRAMES)
+        self.warm_lengths([short, longer], _WARM_WINDOW_FRAMES)
 
     @torch.inference_mode()
-    def warm_generator(self, item: BatchItem, frames: Iterable[int]) -> None:
-        """Run the generator once over each of these lengths (from the start of `item`, at most all of it), so
-        that the kernels for them (per bucket, see `bucket_frames`) are built before a request meets them."""
-        prepared = self._prepare([item])
-        total = int(prepared.geo.frames[0])
+    def warm_lengths(self, items: Sequence[BatchItem], frames: Iterable[int]) -> None:
+        """Build the kernels for these lengths before a request meets them (per bucket, see `bucket_length`):
+        the front over each item alone (its tokens' length) and, with `bucket_lengths`, over the shortest item
+        padded to each of `frames`; the generator over a window of each of `frames` (at most the longest
+        item's frames)."""
+        prepared = [self._prepare([item]) for item in items]
+        longest = max(prepared, key=lambda p: int(p.geo.frames[0]))
+        shortest = min(range(len(items)), key=lambda i: int(prepared[i].geo.frames[0]))
+        total = int(longest.geo.frames[0])
         for n in frames:
-            self._render(prepared, [(0, max(1, min(n, total)))])
+            if self.bucket_lengths:
+                self._prepare([items[shortest]], min_frames=n)
+            self._render(longest, [(0, max(1, min(n, total)))])
 
     @property
     def device(self) -> torch.device:
@@ -456,7 +467,7 @@ class KModel(nn.Module):
         for (k0, k1), n in zip(kept, first_frames, strict=True):
             opening = None if n is None else max(n, math.ceil((k1 - k0) * first_share))
             if opening is not None and self.bucket_lengths:  # the first window fills its bucket with audio
-                opening = bucket_frames(k0 + opening + context) - k0 - context
+                opening = bucket_length(k0 + opening + context) - k0 - context
             cuts.append(None if opening is None or k1 - k0 - opening <= context else k0 + opening)
         first = [(0, f if c is None else c + context) for f, c in zip(frames, cuts, strict=True)]
         audio = self._render(prepared, first)
@@ -486,21 +497,24 @@ class KModel(nn.Module):
                 chunks[i] = Chunk(tail, out.pred_dur, split, total[i])
         yield chunks
 
-    def _prepare(self, items: Sequence[BatchItem]) -> _Prepared:
+    def _prepare(self, items: Sequence[BatchItem], min_frames: int = 1) -> _Prepared:
         """Everything before the generator: durations, F0 and energy, the decoder's features and the sine
-        source, for the whole of every item."""
+        source, for the whole of every item; with `bucket_lengths`, tokens and frames padded to their buckets
+        (frames to at least `min_frames`: the warm-up's way of building a bucket's kernels)."""
         device = self.device
         lengths_list = [int(it.input_ids.shape[0]) for it in items]
         if min(lengths_list) < 2 or max(lengths_list) > self.max_phonemes + 2:
             raise ValueError(f"input_ids must hold 2..{self.max_phonemes + 2} tokens incl. the boundaries")
         B, T = len(items), max(lengths_list)
+        if self.bucket_lengths:
+            T = bucket_length(T)
         ids = torch.full((B, T), PAD_TOKEN_ID, dtype=torch.long)
         for i, it in enumerate(items):
             ids[i, : lengths_list[i]] = it.input_ids.to(torch.long).cpu()
         ids = ids.to(device)
         ref_s = torch.stack([it.ref_s.reshape(-1).float() for it in items]).to(device)
         speed = torch.tensor([float(it.speed) for it in items], device=device)
-        token_padded = len(set(lengths_list)) > 1
+        token_padded = len(set(lengths_list)) > 1 or max(lengths_list) < T
         lengths = torch.tensor(lengths_list, device=device) if token_padded else None
         tmask = sequence_mask(lengths, T) if lengths is not None else None
         style_dim = self.config.style_dim
@@ -514,8 +528,10 @@ class KModel(nn.Module):
         if tmask is not None:
             pred_dur = pred_dur * tmask[:, 0].long()
         frames = pred_dur.sum(dim=1)
-        geo = self._geometry(frames)
         F_max = int(frames.max())
+        if self.bucket_lengths:
+            F_max = bucket_length(max(F_max, min_frames))
+        geo = self._geometry(frames, F_max)
         ends = torch.cumsum(pred_dur, dim=1)
         frame_idx = torch.arange(F_max, device=device)[None, :].expand(B, -1).contiguous()
         frame_tokens = torch.searchsorted(ends, frame_idx, right=True).clamp(max=T - 1)
@@ -544,8 +560,8 @@ class KModel(nn.Module):
         rows = range(len(frames)) if rows is None else rows
         whole = [(0, f) for f in frames]
         spans = [b - a for a, b in windows]
-        F_max = bucket_frames(max(spans)) if self.bucket_lengths else max(spans)
-        if list(rows) == list(range(len(frames))) and list(windows) == whole and F_max == max(frames):
+        F_max = bucket_length(max(spans)) if self.bucket_lengths else max(spans)
+        if list(rows) == list(range(len(frames))) and list(windows) == whole and 2 * F_max == prepared.x.shape[-1]:
             x, har, s, geo = prepared.x, prepared.har, prepared.s, prepared.geo
         else:
             geo = self._geometry(torch.tensor(spans, device=prepared.x.device), F_max)

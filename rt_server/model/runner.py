@@ -27,6 +27,9 @@ OPENING_SLACK = 0.5
 # Generator lengths built at warm-up (duration frames, 25 ms each): the buckets up to 3.2 s of audio, which hold a
 # turn's first windows and most short segments (`KModel.bucket_lengths`).
 WARMUP_WINDOW_FRAMES = range(16, 129, 8)
+# Prefixes of the warm-up sentence, one per token bucket: 6, 14, ... phonemes are 8, 16, ... tokens with the
+# two boundary tokens.
+WARMUP_PREFIX_PHONEMES = range(6, 128, 8)
 # A sentence of typical length in Kokoro's English phonemes, for the warm-up.
 WARMUP_SENTENCE = "ðə kwˈɪk bɹˈWn fˈɑks ʤˈʌmps ˌOvəɹ ðə lˈAzi dˈɔɡ."
 
@@ -149,9 +152,12 @@ class ModelRunner:
         phonemes = "hˈɛloʊ" if self.unknown_symbols(WARMUP_SENTENCE) else WARMUP_SENTENCE
         self.synthesize([SynthesisRequest(phonemes, self.voice_names()[0])])
         if self.model.bucket_lengths:
-            # The generator's kernels for the lengths a turn's first windows and short segments are padded to.
+            # The kernels for the lengths that short segments and a turn's first windows are padded to: the
+            # sentence's prefixes, one per token bucket, and the frame buckets up to WARMUP_WINDOW_FRAMES.
             style = torch.from_numpy(style_row(self.voices.pack(self.voice_names()[0]), phonemes).copy())
-            self.model.warm_generator(self.model.item(phonemes, style, noise=False), WARMUP_WINDOW_FRAMES)
+            prefixes = [phonemes[:n] for n in WARMUP_PREFIX_PHONEMES if n < len(phonemes)]
+            items = [self.model.item(p, style, noise=False) for p in [*prefixes, phonemes]]
+            self.model.warm_lengths(items, WARMUP_WINDOW_FRAMES)
         # And in two windows, as a turn's first segment is: the windows' shapes, and the speed of the second
         # (`opening_share`) measured before the first request.
         self.synthesize([SynthesisRequest(phonemes, self.voice_names()[0], first_chunk_frames=1)], lambda *_: None)
