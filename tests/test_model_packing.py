@@ -33,7 +33,10 @@ def test_bf16_packs_the_decoders_convolutions_and_fp32_packs_none() -> None:
     assert _packed(model) == []
 
 
-def test_packed_weights_compute_exactly_what_the_plain_ones_do() -> None:
+def test_packed_weights_compute_what_the_plain_ones_do() -> None:
+    """Each packed convolution is bit for bit the plain one (below); through the model, the channels-last
+    activations they leave change only the order of bf16 element-wise work (with the real weights, bf16's
+    log-mel correlation to fp32 was 0.9922-0.9947 either way)."""
     model = tiny_model(seed=0)
     model.set_precision("bf16")
     model.bucket_lengths = False
@@ -45,7 +48,8 @@ def test_packed_weights_compute_exactly_what_the_plain_ones_do() -> None:
     plain = model.forward_batch(items)
     for a, b in zip(packed, plain, strict=True):
         assert torch.equal(a.pred_dur, b.pred_dur)
-        assert torch.equal(a.audio, b.audio)
+        error = float((a.audio - b.audio).abs().max()) / float(b.audio.abs().max())
+        assert error < 0.05, f"packed weights change the audio by {100 * error:.1f} % of its peak"
 
 
 @pytest.mark.parametrize(("stride", "dilation", "groups"), [(1, 1, 1), (1, 5, 1), (2, 1, 1), (1, 1, 4)])
@@ -58,7 +62,8 @@ def test_a_packed_convolution_equals_conv1d(stride: int, dilation: int, groups: 
         plain = conv(x)
         assert conv.pack_weight() is True
         packed = conv(x)
-    assert packed.is_contiguous() and packed.dtype == torch.bfloat16
+    assert packed.dtype == torch.bfloat16 and packed.shape == plain.shape
+    assert packed.stride(1) == 1  # left in oneDNN's channels-last layout for the next convolution
     assert torch.equal(packed, plain)
     conv.fold_weight_norm(torch.bfloat16)  # a new fold drops the packed copy of the old one
     assert conv.packed_weight is None
