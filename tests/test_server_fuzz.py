@@ -31,8 +31,8 @@ from websockets.exceptions import ConnectionClosed
 
 from rt_server.model.config import tiny_config_dict
 
-# 55-65 s on a quiet 2-core machine, 165-180 s with three runs side by side: CI's machine is shared, so the
-# whole run has room (a batch whose answers stop coming fails after IDLE_TIMEOUT_S with the server's state).
+# 53-125 s alone on a quiet 2-core machine, 180-210 s with three runs side by side: CI's machine is shared, so
+# the whole run has room (a batch whose answers stop coming fails after IDLE_TIMEOUT_S with the server's state).
 pytestmark = pytest.mark.timeout(540)
 
 SEED = int(os.environ.get("RT_FUZZ_SEED", "8"))
