@@ -64,7 +64,8 @@ class PackableLinear(nn.Linear):
 
     def pack_weight(self, enabled: bool = True) -> bool:
         """Pack (or drop) the oneDNN copy of the weight; only a float32 weight on the CPU is packed. Not a
-        buffer: `.to()` and checkpoints never see it."""
+        buffer: `.to()` and checkpoints never see it. A cache, like the convolutions' folded weights: weights
+        changed afterwards are not seen until it is packed again (`KModel.set_precision` does, after loading)."""
         self.packed_weight = None
         if enabled and self.weight.device.type == "cpu" and self.weight.dtype == torch.float32:
             with torch.no_grad():
