@@ -48,8 +48,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, compile_by_default: 
         "--precision",
         default=env("RT_SERVER_PRECISION", "auto"),
         choices=["auto", "fp32", "bf16", "fp16", "int8"],
-        help="auto (default): int8 on CPUs with AVX512-BF16 and VNNI (or AMX), bf16 on other AVX512-BF16 CPUs and "
-        "recent GPUs, else fp32; int8: bf16 with the generator's convolutions in int8 (CPU only)",
+        help="auto (default): bf16 on CPUs with AMX, int8 on CPUs with AVX512-BF16 and VNNI but no AMX, bf16 on "
+        "other AVX512-BF16 CPUs and recent GPUs, else fp32; int8: bf16 with the generator's convolutions in int8 "
+        "(CPU only)",
     )
     parser.add_argument(
         "--compile",

@@ -117,6 +117,8 @@ class Settings:
     max_padding_waste: float = 0.5  # share of a padded batch that may be padding (length bucketing)
     batch_wait_ms: float = 5.0
     urgent_within_ms: float = 500.0
+    # a playing session's next segment before a new turn's first one when that would make its listener run out
+    protect_playing: bool = True
     # Lifecycle
     shutdown_grace_s: float = 10.0
     ws_ping_interval_s: float = 20.0

@@ -61,6 +61,50 @@ def test_first_segment_of_a_turn_goes_first_then_earliest_deadline() -> None:
     assert _batch(sched.plan(1.8)) == [("a", 1)]  # runs out at 6.0
 
 
+def _playing_and_new_turn(now: float, *, observed: bool = True, **overrides: object) -> list[tuple[str, int]]:
+    """a hears 1 s of audio from t=1 (it runs out at 2.0) and has its next segment queued; c starts a turn.
+    Both segments cost 22 units (20 phonemes + 2 boundary tokens); observed: 0.01 s a unit (0.22 s each)."""
+    sched = _scheduler(max_batch_size=1, **overrides)  # type: ignore[arg-type]
+    sched.open_session("a")
+    sched.open_session("c")
+    sched.submit(_job("a", 0, first=True))
+    sched.plan(0.0)
+    sched.complete(_job("a", 0, first=True), audio_ms=1000, now=1.0)
+    if observed:
+        sched.observe_step([_job("x", 0, 98)], compute_s=1.0)  # 100 units in 1 s
+    sched.submit(_job("a", 1, 20, at=0.5))
+    sched.submit(_job("c", 0, 20, first=True, at=0.6))
+    return _batch(sched.plan(now))
+
+
+def test_a_playing_session_goes_before_a_new_turn_that_would_leave_it_silent() -> None:
+    # a needs 0.22 s after c's 0.22 s, plus the 0.1 s margin: 0.54 s; at 1.3 it has 0.7 s left, at 1.7 0.3 s
+    assert _playing_and_new_turn(1.3) == [("c", 0)]
+    assert _playing_and_new_turn(1.7) == [("a", 1)]
+    assert _playing_and_new_turn(2.5) == [("a", 1)]  # already silent: its gap ends sooner
+    # no estimate yet (no step observed), or the policy off: the new turn first, as before
+    assert _playing_and_new_turn(1.7, observed=False) == [("c", 0)]
+    assert _playing_and_new_turn(1.7, protect_playing=False) == [("c", 0)]
+
+
+def test_the_cost_estimate_follows_the_observed_steps() -> None:
+    sched = _scheduler(max_batch_size=1)
+    sched.observe_step([_job("x", 0, 98)], compute_s=1.0)  # 0.01 s a unit
+    for _ in range(40):
+        sched.observe_step([_job("x", 0, 18), _job("y", 0, 18)], compute_s=0.2)  # 40 units: 0.005 s a unit
+    sched.observe_step([], compute_s=1.0)  # nothing ran: ignored
+    sched.observe_step([_job("x", 0, 18)], compute_s=float("nan"))  # ignored
+    sched.open_session("a")
+    sched.open_session("c")
+    sched.submit(_job("a", 0, first=True))
+    sched.plan(0.0)
+    sched.complete(_job("a", 0, first=True), audio_ms=1000, now=1.0)
+    sched.submit(_job("a", 1, 20, at=0.5))
+    sched.submit(_job("c", 0, 20, first=True, at=0.6))
+    # at 0.005 s a unit a needs 0.11 + 0.11 + 0.1 = 0.32 s: 0.4 s left is enough for c first (0.01: 0.54 s)
+    assert _batch(sched.plan(1.6)) == [("c", 0)]
+
+
 def test_batch_size_and_padded_token_budget() -> None:
     sched = _scheduler(max_batch_size=3, max_batch_tokens=600)
     for i in range(5):

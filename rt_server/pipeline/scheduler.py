@@ -7,7 +7,10 @@ steps.
 Policy:
 - A session's segments run in order: only the head of each session's queue is a candidate, one per batch.
 - Priority by playback deadline: a turn's first segment first (its listener hears nothing yet), then the
-  sessions whose audio runs out soonest, then arrival order.
+  sessions whose audio runs out soonest, then arrival order. Except, with `protect_playing`: a session whose
+  listener is hearing a turn goes before a new turn's first segment when running that first segment ahead
+  would leave the listener without audio, as estimated from the measured cost of past steps
+  (`observe_step`): a gap in speech already playing is worse than a later start.
 - A bounded batch, by length bucketing (`pipeline.bucketing`): at most `max_batch_size` segments, at most
   `max_batch_tokens` padded cost (batch size times the longest item's tokens / speed, the cost of a padded
   batched forward) and at most `max_padding_waste` of it padding. The first candidate always runs.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from rt_server.pipeline.bucketing import BucketLimits, choose_batch
@@ -31,6 +35,10 @@ from rt_server.pipeline.jobs import SegmentJob
 # Segments per step when the setting leaves it to the device: on a CPU one pass already keeps every core busy
 # and a batch only adds padding (docs/performance.md); a GPU is mostly idle on one segment.
 AUTO_BATCH_SIZE = {"cpu": 1, "cuda": 16}
+# `protect_playing`: the weight of the newest step in the running estimate of seconds per unit of cost, and the
+# margin added to the estimated time of the two segments before a playing listener would run out.
+COST_SMOOTHING = 0.2
+PROTECT_MARGIN_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,9 @@ class SchedulerConfig:
     # Share of a padded batch that may be padding (rt_server.pipeline.bucketing): bounds wasted compute.
     max_padding_waste: float = 0.5
     urgent_within_ms: float = 500.0
+    # A playing session's next segment goes before a new turn's first segment when the latter would make its
+    # listener run out of audio (estimated from the cost of past steps).
+    protect_playing: bool = True
     high_water_ms: float = 2000.0
     low_water_ms: float = 1000.0
     # Bound on one session's queue; the session's own input bound keeps it far below this.
@@ -102,6 +113,7 @@ class Scheduler:
         self.config = config
         self._max_batch_size = config.max_batch_size
         self._sessions: dict[str, _SessionState] = {}
+        self._seconds_per_cost: float | None = None  # running estimate from `observe_step`; None: no step yet
 
     # -- commands --------------------------------------------------------------------------------------
 
@@ -155,6 +167,16 @@ class Scheduler:
         else:
             state.turn_audio_ms += audio_ms
 
+    def observe_step(self, jobs: Sequence[SegmentJob], compute_s: float) -> None:
+        """A model step ran `jobs` in `compute_s` seconds: updates the estimate of seconds per unit of cost
+        (a job's `tokens / speed`) that `protect_playing` uses."""
+        cost = sum(_cost(job) for job in jobs)
+        if cost <= 0 or not compute_s >= 0:
+            return
+        rate = compute_s / cost
+        previous = self._seconds_per_cost
+        self._seconds_per_cost = rate if previous is None else previous + COST_SMOOTHING * (rate - previous)
+
     # -- queries ---------------------------------------------------------------------------------------
 
     @property
@@ -193,16 +215,26 @@ class Scheduler:
 
     def plan(self, now: float) -> Plan:
         """The next step: a batch to run now (its jobs leave the queues), a time to wait until, or idle."""
-        candidates: list[tuple[tuple[int, float, float], SegmentJob]] = []
-        for session_id, state in self._sessions.items():
+        heads: list[SegmentJob] = []
+        for state in self._sessions.values():
             paused = state.marks.update(state.unsent_ms)
-            if paused or not state.queue:
-                continue
-            job = state.queue[0]
-            key = (0 if job.first_in_turn else 1, self.deadline(session_id, job), job.submitted_at)
-            candidates.append((key, job))
-        if not candidates:
+            if not paused and state.queue:
+                heads.append(state.queue[0])
+        if not heads:
             return Idle()
+        firsts = [job for job in heads if job.first_in_turn]
+        # The first segment that would run next: the one waiting longest.
+        next_first = min(firsts, key=lambda job: job.submitted_at) if firsts else None
+        candidates: list[tuple[tuple[int, float, float], SegmentJob]] = []
+        for job in heads:
+            deadline = self.deadline(job.session_id, job)
+            if job.first_in_turn:
+                rank = 1
+            elif next_first is not None and self._would_run_dry(job, deadline, next_first, now):
+                rank = 0
+            else:
+                rank = 2
+            candidates.append(((rank, deadline, job.submitted_at), job))
         candidates.sort(key=lambda c: c[0])
         chosen = self._select([job for _, job in candidates])
         if not self._should_run_now(candidates, chosen, now):
@@ -224,7 +256,7 @@ class Scheduler:
             max_padded_cost=float(self.config.max_batch_tokens),
             max_waste=self.config.max_padding_waste,
         )
-        return [ordered[i] for i in choose_batch([job.tokens / job.speed for job in ordered], limits)]
+        return [ordered[i] for i in choose_batch([_cost(job) for job in ordered], limits)]
 
     def _should_run_now(
         self, candidates: list[tuple[tuple[int, float, float], SegmentJob]], chosen: list[SegmentJob], now: float
@@ -234,4 +266,17 @@ class Scheduler:
         if len(chosen) < len(candidates):
             return True  # the budget is already full: more work would not join this batch
         urgent_s = self.config.urgent_within_ms / 1000.0
-        return any(key[0] == 0 or key[1] - now <= urgent_s for key, _ in candidates)
+        return any(key[0] < 2 or key[1] - now <= urgent_s for key, _ in candidates)
+
+    def _would_run_dry(self, job: SegmentJob, deadline: float, first: SegmentJob, now: float) -> bool:
+        """Whether `job`'s listener, hearing its turn now, would run out of audio if `first` ran before it."""
+        rate = self._seconds_per_cost
+        state = self._sessions[job.session_id]
+        if not self.config.protect_playing or rate is None or state.turn_anchor_s is None:
+            return False
+        return deadline - now < rate * (_cost(job) + _cost(first)) + PROTECT_MARGIN_S
+
+
+def _cost(job: SegmentJob) -> float:
+    """What a job costs the model, in the unit `_select` budgets: tokens / speed."""
+    return job.tokens / job.speed
