@@ -1,7 +1,7 @@
 """Batched vs single-run throughput of KModel: audio seconds produced per compute second.
 
     python bench/batch_throughput.py [--sizes 1 2 4 8 16 32] [--device cpu|cuda] [--precision fp32]
-                                     [--plot docs/batch_throughput.png]
+                                     [--compile] [--repeats 3] [--plot docs/batch_throughput.png]
 
 For each batch size B it draws segments from a realistic streaming mix (a third short first-segments of 8-24
 phonemes, the rest 30-160), runs B of them as one `forward_batch` and as a loop of single runs in the same
@@ -9,12 +9,17 @@ process, and prints audio-s/compute-s for both and their ratio. `--mix random` t
 `--mix bucketed` (the default, what the scheduler does) draws 4B and keeps B of similar length, as
 `rt_server.pipeline.bucketing` would. The padding column is the share of padded frames in the batch.
 Real weights when imported, else random speech-like ones.
+
+Each batch runs once both ways untimed first (kernels are built per input length, on a CPU by oneDNN, on a GPU
+by cuDNN autotuning and the allocator), then `--repeats` times each way, alternating, and the median counts.
+`--compile` compiles the fused kernels as the server does by default (`KModel.compile_kernels`).
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import time
 
 import torch
@@ -45,6 +50,28 @@ def timed_batches(model: KModel, batches: list[list[BatchItem]]) -> tuple[float,
     return time.perf_counter() - start, outputs
 
 
+def measure(
+    model: KModel, items: list[BatchItem], size: int, repeats: int
+) -> tuple[int, int, float, float, float, float, float]:
+    """One table row: the batch as one `forward_batch` against the loop of single runs, medians of `repeats`
+    alternating runs after an untimed one each way."""
+    batches, singles = [items], [[it] for it in items]
+    timed_batches(model, batches)
+    timed_batches(model, singles)
+    batch_times, single_times = [], []
+    for _ in range(repeats):
+        batch_s, outputs = timed_batches(model, batches)
+        single_s, _ = timed_batches(model, singles)
+        batch_times.append(batch_s)
+        single_times.append(single_s)
+    batch_s, single_s = statistics.median(batch_times), statistics.median(single_times)
+    audio_s = sum(o.audio.numel() for o in outputs) / SAMPLE_RATE_HZ
+    phonemes = sum(int(it.input_ids.numel()) - 2 for it in items)
+    lengths = [o.audio.numel() for o in outputs]
+    padding = 1 - sum(lengths) / (len(lengths) * max(lengths))
+    return size, phonemes, audio_s, padding, audio_s / batch_s, audio_s / single_s, single_s / batch_s
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
@@ -52,30 +79,29 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--mix", choices=["bucketed", "random"], default="bucketed")
     parser.add_argument("--plot", default=None, help="write a PNG plot here (needs matplotlib)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each batch, each way (median)")
+    parser.add_argument("--compile", action="store_true", help="compiled fused kernels, as the server runs")
     args = parser.parse_args()
     model = load_model(None, args.device, args.precision)
+    if args.compile:
+        model.compile_kernels()
     style = torch.randn(256, generator=torch.Generator().manual_seed(0)) * 0.15
-    model.forward_batch([model.item("hə", style, noise=False)])  # warm-up
     rng = random.Random(0)
     rows = []
-    for size in args.sizes:
-        texts = [segment(rng) for _ in range(size if args.mix == "random" else 4 * size)]
-        if args.mix == "bucketed":
-            texts.sort(key=len)
-            start = rng.randrange(len(texts) - size + 1)
-            texts = texts[start : start + size]
-        items = [model.item(text, style, 1.0, noise=False) for text in texts]
-        batch_s, outputs = timed_batches(model, [items])
-        single_s, _ = timed_batches(model, [[it] for it in items])
-        audio_s = sum(o.audio.numel() for o in outputs) / SAMPLE_RATE_HZ
-        phonemes = sum(int(it.input_ids.numel()) - 2 for it in items)
-        lengths = [o.audio.numel() for o in outputs]
-        padding = 1 - sum(lengths) / (len(lengths) * max(lengths))
-        rows.append((size, phonemes, audio_s, padding, audio_s / batch_s, audio_s / single_s, single_s / batch_s))
+    with torch.inference_mode():
+        for size in args.sizes:
+            texts = [segment(rng) for _ in range(size if args.mix == "random" else 4 * size)]
+            if args.mix == "bucketed":
+                texts.sort(key=len)
+                start = rng.randrange(len(texts) - size + 1)
+                texts = texts[start : start + size]
+            items = [model.item(text, style, 1.0, noise=False) for text in texts]
+            rows.append(measure(model, items, size, args.repeats))
     print(
-        f"device={model.device} precision={args.precision} threads={torch.get_num_threads()} torch={torch.__version__}"
+        f"device={model.device} precision={args.precision} compiled kernels={args.compile} "
+        f"threads={torch.get_num_threads()} torch={torch.__version__}"
     )
-    print(f"mix={args.mix}")
+    print(f"mix={args.mix} repeats={args.repeats} (median), each after an untimed run")
     header = ("batch", "phonemes", "audio s", "padding", "batched x RT", "single x RT", "ratio")
     print("{:>5} {:>8} {:>8} {:>7} {:>12} {:>11} {:>6}".format(*header))
     for size, phonemes, audio_s, padding, batched, single, ratio in rows:
