@@ -121,6 +121,7 @@ def create_app(settings: Settings, *, loader: Loader = load_model) -> Starlette:
     def on_batch(report: BatchReport) -> None:
         metrics.on_batch(report.model, report.size, report.compute_s, report.audio_s, report.failed)
         metrics.on_oom_splits(report.model, report.oom_splits)
+        metrics.on_protected(report.model, report.protected)
 
     engines = {
         spec.name: ModelEngine(

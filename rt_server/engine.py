@@ -129,6 +129,7 @@ class BatchReport:
     audio_s: float
     failed: bool  # some of its segments failed
     oom_splits: int = 0  # times a part of it ran out of memory and was split in halves
+    protected: int = 0  # segments run ahead of a new turn's first segment to keep a listener from running dry
 
 
 @dataclass(frozen=True)
@@ -416,7 +417,7 @@ class ModelEngine:
             plan = scheduler.plan(now)
             if isinstance(plan, Batch):
                 self.stats = EngineStats(scheduler.queue_depth, scheduler.num_sessions, batches, len(plan.jobs))
-                self._run_batch(scheduler, loaded, plan.jobs, rng)
+                self._run_batch(scheduler, loaded, plan.jobs, rng, plan.protected)
                 batches += 1
                 timeout_s = 0.0
             elif isinstance(plan, Wait):
@@ -446,6 +447,7 @@ class ModelEngine:
         loaded: LoadedModel,
         jobs: tuple[SegmentJob, ...],
         rng: np.random.Generator,
+        protected: int = 0,
     ) -> None:
         seeds = {job: int(rng.integers(2**31)) if self._noise else None for job in jobs}
         delivered: dict[SegmentJob, int] = {}  # samples already sent ahead, per job (kept across OOM retries)
@@ -511,7 +513,9 @@ class ModelEngine:
         scheduler.observe_step(jobs, compute_s)
         audio_s = sum(o.total_ms for o in outcomes if isinstance(o, SegmentAudio)) / 1000.0
         tokens = sum(j.tokens for j in jobs)
-        report = BatchReport(self.name, len(jobs), tokens, compute_s, audio_s, halving.failed, halving.splits)
+        report = BatchReport(
+            self.name, len(jobs), tokens, compute_s, audio_s, halving.failed, halving.splits, protected
+        )
         log.debug(
             "model %s: %d segments, %d tokens, %.0f ms for %.2f s of audio",
             self.name,

@@ -72,6 +72,7 @@ class Metrics:
         self.compute_seconds: defaultdict[str, float] = defaultdict(float)
         self.batch_failures: Counter[str] = Counter()
         self.oom_splits: Counter[str] = Counter()
+        self.protected: Counter[str] = Counter()
 
     # SessionObserver
     def on_session_admitted(self) -> None:
@@ -95,6 +96,10 @@ class Metrics:
     def on_oom_splits(self, model: str, splits: int) -> None:
         if splits:
             self.oom_splits[model] += splits
+
+    def on_protected(self, model: str, segments: int) -> None:
+        if segments:
+            self.protected[model] += segments
 
     def render(self, gauges: Gauges) -> str:
         out: list[str] = []
@@ -147,6 +152,13 @@ class Metrics:
         header("rt_oom_splits_total", "counter", "Batches split in halves after running out of memory.")
         for model, n in sorted(self.oom_splits.items()):
             out.append(f'rt_oom_splits_total{{model="{model}"}} {n}')
+        header(
+            "rt_protected_segments_total",
+            "counter",
+            "Segments run ahead of a new turn's first segment so that a playing listener would not run dry.",
+        )
+        for model, n in sorted(self.protected.items()):
+            out.append(f'rt_protected_segments_total{{model="{model}"}} {n}')
         if gauges.resident_memory_bytes is not None:
             header("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.")
             out.append(f"process_resident_memory_bytes {gauges.resident_memory_bytes}")

@@ -61,10 +61,10 @@ def test_first_segment_of_a_turn_goes_first_then_earliest_deadline() -> None:
     assert _batch(sched.plan(1.8)) == [("a", 1)]  # runs out at 6.0
 
 
-def _playing_and_new_turn(now: float, *, observed: bool = True, **overrides: object) -> list[tuple[str, int]]:
+def _playing_and_new_turn(now: float, *, observed: bool = True, **overrides: object) -> Batch:
     """a hears 1 s of audio from t=1 (it runs out at 2.0) and has its next segment queued; c starts a turn.
     Both segments cost 22 units (20 phonemes + 2 boundary tokens); observed: 0.01 s a unit (0.22 s each)."""
-    sched = _scheduler(max_batch_size=1, **overrides)  # type: ignore[arg-type]
+    sched = _scheduler(**{"max_batch_size": 1, **overrides})  # type: ignore[arg-type]
     sched.open_session("a")
     sched.open_session("c")
     sched.submit(_job("a", 0, first=True))
@@ -74,17 +74,24 @@ def _playing_and_new_turn(now: float, *, observed: bool = True, **overrides: obj
         sched.observe_step([_job("x", 0, 98)], compute_s=1.0)  # 100 units in 1 s
     sched.submit(_job("a", 1, 20, at=0.5))
     sched.submit(_job("c", 0, 20, first=True, at=0.6))
-    return _batch(sched.plan(now))
+    plan = sched.plan(now)
+    assert isinstance(plan, Batch), plan
+    return plan
 
 
 def test_a_playing_session_goes_before_a_new_turn_that_would_leave_it_silent() -> None:
     # a needs 0.22 s after c's 0.22 s, plus the 0.1 s margin: 0.54 s; at 1.3 it has 0.7 s left, at 1.7 0.3 s
-    assert _playing_and_new_turn(1.3) == [("c", 0)]
-    assert _playing_and_new_turn(1.7) == [("a", 1)]
-    assert _playing_and_new_turn(2.5) == [("a", 1)]  # already silent: its gap ends sooner
+    early = _playing_and_new_turn(1.3)
+    assert (_batch(early), early.protected) == ([("c", 0)], 0)
+    late = _playing_and_new_turn(1.7)
+    assert (_batch(late), late.protected) == ([("a", 1)], 1)
+    assert _batch(_playing_and_new_turn(2.5)) == [("a", 1)]  # already silent: its gap ends sooner
     # no estimate yet (no step observed), or the policy off: the new turn first, as before
-    assert _playing_and_new_turn(1.7, observed=False) == [("c", 0)]
-    assert _playing_and_new_turn(1.7, protect_playing=False) == [("c", 0)]
+    assert _batch(_playing_and_new_turn(1.7, observed=False)) == [("c", 0)]
+    assert _batch(_playing_and_new_turn(1.7, protect_playing=False)) == [("c", 0)]
+    # both in one batch where batches hold two: the playing one is still counted as protected
+    both = _playing_and_new_turn(1.7, max_batch_size=2)
+    assert (sorted(_batch(both)), both.protected) == ([("a", 1), ("c", 0)], 1)
 
 
 def test_the_cost_estimate_follows_the_observed_steps() -> None:

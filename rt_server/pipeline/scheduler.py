@@ -73,6 +73,7 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class Batch:
     jobs: tuple[SegmentJob, ...]
+    protected: int = 0  # of them, segments run ahead of a waiting first segment (`protect_playing`)
 
 
 @dataclass(frozen=True)
@@ -245,7 +246,8 @@ class Scheduler:
                 return Wait(until=until)
         for job in chosen:
             self._sessions[job.session_id].queue.popleft()
-        return Batch(jobs=tuple(chosen))
+        protected = sum(1 for key, job in candidates if key[0] == 0 and job in chosen)
+        return Batch(jobs=tuple(chosen), protected=protected)
 
     def _select(self, ordered: list[SegmentJob]) -> list[SegmentJob]:
         """Length bucketing over the candidates in priority order: the most urgent always runs, and others
