@@ -82,6 +82,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each batch, each way (median)")
     parser.add_argument("--compile", action="store_true", help="compiled fused kernels, as the server runs")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     model = load_model(None, args.device, args.precision)
     if args.compile:
         model.compile_kernels()

@@ -510,7 +510,8 @@ class ModelEngine:
                     outcomes.append(audio)
                     scheduler.complete(job, audio.total_ms, time.monotonic(), sent_at.get(job))
         compute_s = time.perf_counter() - started
-        scheduler.observe_step(jobs, compute_s)
+        if not halving.failed:  # a step that raised says nothing about what a step costs
+            scheduler.observe_step(jobs, compute_s)
         audio_s = sum(o.total_ms for o in outcomes if isinstance(o, SegmentAudio)) / 1000.0
         tokens = sum(j.tokens for j in jobs)
         report = BatchReport(
