@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,14 +167,23 @@ class Received:
         return [e["type"] for e in self.events]
 
 
-async def receive_until_closed(ws: Any, stop_after: str | None = None) -> Received:
-    """Read frames and events until the server closes (or until an event of type `stop_after`)."""
+async def receive_until_closed(
+    ws: Any,
+    stop_after: str | Callable[[dict[str, Any]], bool] | None = None,
+    *,
+    idle_timeout_s: float | None = None,
+) -> Received:
+    """Read frames and events until the server closes (or until an event of type `stop_after`, or one the
+    predicate `stop_after` accepts). With `idle_timeout_s`: TimeoutError when nothing arrives for that long."""
     from websockets.exceptions import ConnectionClosed
+
+    def stop(event: dict[str, Any]) -> bool:
+        return stop_after(event) if callable(stop_after) else event["type"] == stop_after
 
     items: list[bytes | dict[str, Any]] = []
     while True:
         try:
-            message = await ws.recv()
+            message = await asyncio.wait_for(ws.recv(), idle_timeout_s)  # cancelling recv loses nothing
         except ConnectionClosed:
             break
         if isinstance(message, bytes):
@@ -181,6 +191,6 @@ async def receive_until_closed(ws: Any, stop_after: str | None = None) -> Receiv
         else:
             event = json.loads(message)
             items.append(event)
-            if event["type"] == stop_after:
+            if stop(event):
                 break
     return Received(items, ws.close_code, ws.close_reason)

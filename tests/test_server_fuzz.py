@@ -19,7 +19,7 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +27,6 @@ import pytest
 import websockets
 from fuzz_oracle import ConnectionState, Expect, Limits, classify
 from server_harness import RunningServer, make_settings, receive_until_closed, start_server
-from websockets.exceptions import ConnectionClosed
 
 from rt_server.model.config import tiny_config_dict
 
@@ -417,7 +416,8 @@ class FuzzClient:
         await ws.send(json.dumps({"type": "flush", "id": sync_id}))
         started = time.monotonic()
         try:
-            got = await receive_until_closed_or(ws, lambda e: e == {"type": "flushed", "id": sync_id})
+            flushed = {"type": "flushed", "id": sync_id}
+            got = await receive_until_closed(ws, lambda e: e == flushed, idle_timeout_s=IDLE_TIMEOUT_S)
         except TimeoutError:  # say where it stuck, rather than let the whole test's timeout say nothing
             state = await asyncio.to_thread(self.server.state)
             stuck = f"nothing for {IDLE_TIMEOUT_S} s before `flushed` {sync_id}; server: {state}; frames: {frames}"
@@ -474,39 +474,6 @@ class FuzzClient:
             await self._closed(ws, [], Expect("done", close_code=1000), Frame("close"))
         elif how < 0.7:
             await ws.close()
-
-
-async def receive_until_closed_or(ws: Any, stop: Callable[[dict[str, Any]], bool]) -> Any:
-    """Like `receive_until_closed`, stopping after the event `stop` accepts; TimeoutError if nothing arrives for
-    IDLE_TIMEOUT_S."""
-    items: list[bytes | dict[str, Any]] = []
-    while True:
-        try:
-            message = await asyncio.wait_for(ws.recv(), IDLE_TIMEOUT_S)  # cancelling recv loses nothing
-        except ConnectionClosed:
-            break
-        if isinstance(message, bytes):
-            items.append(message)
-            continue
-        event = json.loads(message)
-        items.append(event)
-        if stop(event):
-            return _Received(items, None)
-    return _Received(items, ws.close_code)
-
-
-@dataclass
-class _Received:
-    items: list[bytes | dict[str, Any]]
-    close_code: int | None
-
-    @property
-    def events(self) -> list[dict[str, Any]]:
-        return [i for i in self.items if isinstance(i, dict)]
-
-    @property
-    def frames(self) -> list[bytes]:
-        return [i for i in self.items if isinstance(i, bytes)]
 
 
 async def _well_behaved(server: RunningServer, stop: asyncio.Event) -> list[int]:
