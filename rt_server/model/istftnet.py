@@ -17,14 +17,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rt_server.model.config import SAMPLE_RATE_HZ, ISTFTNetConfig
-from rt_server.model.kernels import Quantize, quantize_u8
+from rt_server.model.kernels import Quantize, apply_mask, quantize_u8
 from rt_server.model.layers import (
     AdaIN1d,
     AdainResBlk1d,
     Int8Conv1d,
     WNConv1d,
     WNConvTranspose1d,
-    apply_mask,
     sequence_mask,
 )
 

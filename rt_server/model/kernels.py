@@ -26,6 +26,12 @@ INSTANCE_NORM_EPS = 1e-5
 AdainAct = Callable[[Tensor, Tensor | None, Tensor, Tensor, Tensor | None], Tensor]
 
 
+def apply_mask(x: Tensor, mask: Tensor | None) -> Tensor:
+    """Zero the padding (a no-op without a mask), in x's dtype: a float32 mask would promote a bf16 activation
+    to float32, and the masked path would then run its element-wise work and casts in float32."""
+    return x if mask is None else x * mask.to(x.dtype)
+
+
 def moments(x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """Per-channel mean, centred float32 input (zero on padding) and biased variance over each item's own
     positions (all of them when `mask` is None): two passes in float32."""
@@ -68,7 +74,7 @@ def adain_act_eager(x: Tensor, mask: Tensor | None, scale: Tensor, shift: Tensor
         alpha = alpha.to(x.dtype)
         wave = torch.mul(y, alpha).sin_()
         y = torch.addcmul(y, wave.mul_(wave), alpha.reciprocal())
-    return y if mask is None else y * mask.to(y.dtype)
+    return apply_mask(y, mask)
 
 
 _compiled: AdainAct | None = None

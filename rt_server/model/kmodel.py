@@ -26,13 +26,19 @@ from rt_server.model.albert import CustomAlbert
 from rt_server.model.checkpoint import SECTIONS, Checkpoint, CheckpointError, load_checkpoint
 from rt_server.model.config import PAD_TOKEN_ID, SAMPLES_PER_FRAME, KokoroConfig, load_config
 from rt_server.model.istftnet import HARMONIC_NUM, AdaINResBlock1, Decoder, FrameGeometry
-from rt_server.model.kernels import AdainAct, adain_act_eager, compiled_adain_act, compiled_quantize_u8, quantize_u8
+from rt_server.model.kernels import (
+    AdainAct,
+    adain_act_eager,
+    apply_mask,
+    compiled_adain_act,
+    compiled_quantize_u8,
+    quantize_u8,
+)
 from rt_server.model.layers import (
     AdaIN1d,
     InstanceNormAffine,
     PackableLinear,
     WeightNormMixin,
-    apply_mask,
     int8_convolution_available,
     sequence_mask,
     weight_packing_available,

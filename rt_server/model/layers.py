@@ -15,7 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rt_server.model.kernels import INSTANCE_NORM_EPS, U8_ZERO_POINT, AdainAct, adain_act_eager, moments
+from rt_server.model.kernels import (
+    INSTANCE_NORM_EPS,
+    U8_ZERO_POINT,
+    AdainAct,
+    adain_act_eager,
+    apply_mask,
+    moments,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -26,12 +33,6 @@ def sequence_mask(lengths: Tensor, max_len: int) -> Tensor:
     """Float mask [B, 1, max_len]: 1.0 where the position is inside the item's length."""
     positions = torch.arange(max_len, device=lengths.device)
     return (positions[None, :] < lengths[:, None]).unsqueeze(1).float()
-
-
-def apply_mask(x: Tensor, mask: Tensor | None) -> Tensor:
-    """Zero the padding (a no-op without a mask), in x's dtype: a float32 mask would promote a bf16 activation
-    to float32, and the masked path would then run its element-wise work and casts in float32."""
-    return x if mask is None else x * mask.to(x.dtype)
 
 
 # The input length oneDNN picks a packed weight's layout for (`WeightNormMixin.pack_weight`); any length runs on it.

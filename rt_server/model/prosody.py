@@ -9,13 +9,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from rt_server.model.kernels import apply_mask
 from rt_server.model.layers import (
     LEAKY_SLOPE,
     AdainResBlk1d,
     AdaLayerNorm,
     ChannelLayerNorm,
     WNConv1d,
-    apply_mask,
     run_lstm,
 )
 
