@@ -99,6 +99,7 @@ def scheduler_config(settings: Settings) -> SchedulerConfig:
         max_wait_ms=settings.batch_wait_ms,
         urgent_within_ms=settings.urgent_within_ms,
         protect_playing=settings.protect_playing,
+        protect_max_defer_ms=settings.protect_max_defer_ms,
         high_water_ms=settings.max_buffer_ms,
         low_water_ms=settings.buffer_low_water_ms,
     )

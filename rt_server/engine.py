@@ -138,6 +138,7 @@ class EngineStats:
     sessions: int = 0
     batches: int = 0
     running: int = 0  # segments in the batch running now
+    seconds_per_cost: float | None = None  # the scheduler's estimate of a step's cost (`protect_playing`)
 
 
 class EngineOverloadedError(RuntimeError):
@@ -416,7 +417,9 @@ class ModelEngine:
             now = time.monotonic()
             plan = scheduler.plan(now)
             if isinstance(plan, Batch):
-                self.stats = EngineStats(scheduler.queue_depth, scheduler.num_sessions, batches, len(plan.jobs))
+                self.stats = EngineStats(
+                    scheduler.queue_depth, scheduler.num_sessions, batches, len(plan.jobs), scheduler.seconds_per_cost
+                )
                 self._run_batch(scheduler, loaded, plan.jobs, rng, plan.protected)
                 batches += 1
                 timeout_s = 0.0
@@ -424,7 +427,9 @@ class ModelEngine:
                 timeout_s = max(0.0, plan.until - now)
             else:
                 timeout_s = None
-            self.stats = EngineStats(scheduler.queue_depth, scheduler.num_sessions, batches, 0)
+            self.stats = EngineStats(
+                scheduler.queue_depth, scheduler.num_sessions, batches, 0, scheduler.seconds_per_cost
+            )
 
     def _apply(self, scheduler: Scheduler, runner: ModelRunnerLike, command: _Command) -> None:
         if isinstance(command, SegmentJob):

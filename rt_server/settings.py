@@ -119,6 +119,7 @@ class Settings:
     urgent_within_ms: float = 500.0
     # a playing session's next segment before a new turn's first one when that would make its listener run out
     protect_playing: bool = True
+    protect_max_defer_ms: float = 1000.0  # ... for at most this long after the new turn's segment arrived; 0: no bound
     # Lifecycle
     shutdown_grace_s: float = 10.0
     ws_ping_interval_s: float = 20.0
@@ -166,6 +167,7 @@ class Settings:
             "first_chunk_ms",
             "batch_wait_ms",
             "urgent_within_ms",
+            "protect_max_defer_ms",
             "shutdown_grace_s",
             "ws_ping_interval_s",
             "idle_timeout_s",

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from server_harness import RunningServer, make_settings, start_server
 
+from rt_server.app import scheduler_config
 from rt_server.cli import build_parser
 from rt_server.client import StreamClient, StreamError
 from rt_server.protocol import Done, ErrorCode, Flushed, SegmentInfo
@@ -115,6 +116,10 @@ def test_settings_from_env_and_flags() -> None:
     assert settings.max_buffer_ms == 3000
     assert settings.stall_timeout_s == 2.5
     assert settings.debug_endpoints is True
+    assert scheduler_config(settings).protect_max_defer_ms == 1000.0
+    deferring = ["serve", "--protect-max-defer-ms", "250", "--no-protect-playing"]
+    protect = scheduler_config(settings_from_args(build_parser().parse_args(deferring), {}))
+    assert (protect.protect_max_defer_ms, protect.protect_playing) == (250.0, False)
     assert settings.models == (
         ModelSpec(name="tiny", kind="tiny"),
         ModelSpec(name="big", weights="/w.pth", voices_dir="/v", device="cpu", precision="fp16"),
@@ -155,6 +160,7 @@ def test_settings_from_env_and_flags() -> None:
         {"RT_SERVER_MODELS": "name=a,colour=red"},
         {"RT_SERVER_MODELS": "a;a"},
         {"RT_SERVER_DEFAULT_MODEL": "zzz"},
+        {"RT_SERVER_PROTECT_MAX_DEFER_MS": "-1"},
     ],
 )
 def test_bad_settings_fail_loudly(env: dict[str, str]) -> None:

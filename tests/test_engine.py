@@ -145,6 +145,33 @@ async def test_a_failing_batch_fails_only_its_segments_and_the_engine_goes_on() 
     assert isinstance(b.items[0], SegmentAudio)
 
 
+async def _settled(engine: ModelEngine, batches: int) -> None:
+    """Until the engine thread has finished `batches` steps and published its stats after them."""
+    for _ in range(1000):
+        if engine.stats.batches == batches and engine.stats.running == 0:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"engine stats after 5 s: {engine.stats}")
+
+
+async def test_a_failed_step_is_not_taken_into_the_cost_estimate() -> None:
+    runner = FakeRunner()
+    engine = await _engine(runner, max_batch_size=1)
+    a = Inbox()
+    engine.open_session("a", a)
+    engine.submit(_job("a", 0, "ab boom"))
+    await a.wait_for(1)
+    await _settled(engine, 1)
+    assert engine.stats.seconds_per_cost is None  # the step raised: no estimate from it
+    engine.submit(_job("a", 1))
+    await a.wait_for(2)
+    await _settled(engine, 2)
+    await engine.stop()
+    assert isinstance(a.items[0], SegmentFailed) and isinstance(a.items[1], SegmentAudio)
+    rate = engine.stats.seconds_per_cost
+    assert rate is not None and rate > 0
+
+
 async def test_abort_between_steps_drops_queued_work() -> None:
     runner = FakeRunner()
     engine = await _engine(runner, max_batch_size=1)

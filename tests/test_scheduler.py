@@ -61,9 +61,10 @@ def test_first_segment_of_a_turn_goes_first_then_earliest_deadline() -> None:
     assert _batch(sched.plan(1.8)) == [("a", 1)]  # runs out at 6.0
 
 
-def _playing_and_new_turn(now: float, *, observed: bool = True, **overrides: object) -> Batch:
-    """a hears 1 s of audio from t=1 (it runs out at 2.0) and has its next segment queued; c starts a turn.
-    Both segments cost 22 units (20 phonemes + 2 boundary tokens); observed: 0.01 s a unit (0.22 s each)."""
+def _playing_and_new_turn(now: float, *, observed: bool = True, new_turn_at: float = 1.2, **overrides: object) -> Batch:
+    """a hears 1 s of audio from t=1 (it runs out at 2.0) and has its next segment queued; c starts a turn at
+    `new_turn_at`. Both segments cost 22 units (20 phonemes + 2 boundary tokens); observed: 0.01 s a unit (0.22 s
+    each)."""
     sched = _scheduler(**{"max_batch_size": 1, **overrides})  # type: ignore[arg-type]
     sched.open_session("a")
     sched.open_session("c")
@@ -72,8 +73,8 @@ def _playing_and_new_turn(now: float, *, observed: bool = True, **overrides: obj
     sched.complete(_job("a", 0, first=True), audio_ms=1000, now=1.0)
     if observed:
         sched.observe_step([_job("x", 0, 98)], compute_s=1.0)  # 100 units in 1 s
-    sched.submit(_job("a", 1, 20, at=0.5))
-    sched.submit(_job("c", 0, 20, first=True, at=0.6))
+    sched.submit(_job("a", 1, 20, at=1.1))
+    sched.submit(_job("c", 0, 20, first=True, at=new_turn_at))
     plan = sched.plan(now)
     assert isinstance(plan, Batch), plan
     return plan
@@ -85,13 +86,26 @@ def test_a_playing_session_goes_before_a_new_turn_that_would_leave_it_silent() -
     assert (_batch(early), early.protected) == ([("c", 0)], 0)
     late = _playing_and_new_turn(1.7)
     assert (_batch(late), late.protected) == ([("a", 1)], 1)
-    assert _batch(_playing_and_new_turn(2.5)) == [("a", 1)]  # already silent: its gap ends sooner
+    assert _batch(_playing_and_new_turn(2.5, new_turn_at=2.0)) == [("a", 1)]  # already silent: its gap ends sooner
     # no estimate yet (no step observed), or the policy off: the new turn first, as before
     assert _batch(_playing_and_new_turn(1.7, observed=False)) == [("c", 0)]
     assert _batch(_playing_and_new_turn(1.7, protect_playing=False)) == [("c", 0)]
     # both in one batch where batches hold two: the playing one is still counted as protected
     both = _playing_and_new_turn(1.7, max_batch_size=2)
     assert (sorted(_batch(both)), both.protected) == ([("a", 1), ("c", 0)], 1)
+
+
+def test_a_new_turn_is_deferred_for_at_most_protect_max_defer_ms() -> None:
+    # c arrived at 0.75 and has waited 0.95 s at 1.7: still deferred; arrived at 0.7, it has waited the
+    # default bound of 1 s: it goes first although a then runs dry
+    assert _batch(_playing_and_new_turn(1.7, new_turn_at=0.75)) == [("a", 1)]
+    capped = _playing_and_new_turn(1.7, new_turn_at=0.7)
+    assert (_batch(capped), capped.protected) == ([("c", 0)], 0)
+    assert _batch(_playing_and_new_turn(1.7, new_turn_at=0.3, protect_max_defer_ms=2000)) == [("a", 1)]
+    assert _batch(_playing_and_new_turn(1.7, new_turn_at=0.3, protect_max_defer_ms=2000 - 600)) == [("c", 0)]
+    assert _batch(_playing_and_new_turn(1.7, new_turn_at=-60.0, protect_max_defer_ms=0)) == [("a", 1)]  # no bound
+    with pytest.raises(ValueError, match="protect_max_defer_ms"):
+        SchedulerConfig(protect_max_defer_ms=-1)
 
 
 def test_the_cost_estimate_follows_the_observed_steps() -> None:
@@ -101,13 +115,14 @@ def test_the_cost_estimate_follows_the_observed_steps() -> None:
         sched.observe_step([_job("x", 0, 18), _job("y", 0, 18)], compute_s=0.2)  # 40 units: 0.005 s a unit
     sched.observe_step([], compute_s=1.0)  # nothing ran: ignored
     sched.observe_step([_job("x", 0, 18)], compute_s=float("nan"))  # ignored
+    assert sched.seconds_per_cost == pytest.approx(0.005, rel=1e-3)
     sched.open_session("a")
     sched.open_session("c")
     sched.submit(_job("a", 0, first=True))
     sched.plan(0.0)
     sched.complete(_job("a", 0, first=True), audio_ms=1000, now=1.0)
-    sched.submit(_job("a", 1, 20, at=0.5))
-    sched.submit(_job("c", 0, 20, first=True, at=0.6))
+    sched.submit(_job("a", 1, 20, at=1.1))
+    sched.submit(_job("c", 0, 20, first=True, at=1.2))
     # at 0.005 s a unit a needs 0.11 + 0.11 + 0.1 = 0.32 s: 0.4 s left is enough for c first (0.01: 0.54 s)
     assert _batch(sched.plan(1.6)) == [("c", 0)]
 

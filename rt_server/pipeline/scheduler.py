@@ -10,7 +10,9 @@ Policy:
   sessions whose audio runs out soonest, then arrival order. Except, with `protect_playing`: a session whose
   listener is hearing a turn goes before a new turn's first segment when running that first segment ahead
   would leave the listener without audio, as estimated from the measured cost of past steps
-  (`observe_step`): a gap in speech already playing is worse than a later start.
+  (`observe_step`): a gap in speech already playing is worse than a later start. A first segment is deferred so
+  for at most `protect_max_defer_ms` after it arrived; then it goes first again, so that overload cannot hold
+  a new turn back until the playing ones end.
 - A bounded batch, by length bucketing (`pipeline.bucketing`): at most `max_batch_size` segments, at most
   `max_batch_tokens` padded cost (batch size times the longest item's tokens / speed, the cost of a padded
   batched forward) and at most `max_padding_waste` of it padding. The first candidate always runs.
@@ -52,6 +54,8 @@ class SchedulerConfig:
     # A playing session's next segment goes before a new turn's first segment when the latter would make its
     # listener run out of audio (estimated from the cost of past steps).
     protect_playing: bool = True
+    # ... but a first segment that has waited this long is not deferred again (0: no bound).
+    protect_max_defer_ms: float = 1000.0
     high_water_ms: float = 2000.0
     low_water_ms: float = 1000.0
     # Bound on one session's queue; the session's own input bound keeps it far below this.
@@ -62,6 +66,8 @@ class SchedulerConfig:
             raise ValueError("batch bounds must be positive")
         if self.max_wait_ms < 0 or not 0 <= self.low_water_ms <= self.high_water_ms:
             raise ValueError("need max_wait_ms >= 0 and 0 <= low_water_ms <= high_water_ms")
+        if self.protect_max_defer_ms < 0:
+            raise ValueError("protect_max_defer_ms must not be negative")
 
     def for_device(self, device_type: str) -> SchedulerConfig:
         """This config with `max_batch_size` decided for a model on `device_type` when it is left open."""
@@ -188,6 +194,11 @@ class Scheduler:
     def num_sessions(self) -> int:
         return len(self._sessions)
 
+    @property
+    def seconds_per_cost(self) -> float | None:
+        """The running estimate of a step's seconds per unit of cost; None before any step was observed."""
+        return self._seconds_per_cost
+
     def unsent_ms(self, session_id: str) -> float:
         state = self._sessions.get(session_id)
         return 0.0 if state is None else state.unsent_ms
@@ -224,8 +235,11 @@ class Scheduler:
         if not heads:
             return Idle()
         firsts = [job for job in heads if job.first_in_turn]
-        # The first segment that would run next: the one waiting longest.
+        # The first segment that would run next: the one waiting longest. Deferred long enough, it goes first.
         next_first = min(firsts, key=lambda job: job.submitted_at) if firsts else None
+        bound_s = self.config.protect_max_defer_ms / 1000.0
+        if next_first is not None and bound_s > 0 and now - next_first.submitted_at >= bound_s:
+            next_first = None
         candidates: list[tuple[tuple[int, float, float], SegmentJob]] = []
         for job in heads:
             deadline = self.deadline(job.session_id, job)
