@@ -239,8 +239,10 @@ def plot(levels: Sequence[LevelSummary], path: str | Path, title: str = "") -> N
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
     fig, (latency, throughput, underrun) = plt.subplots(1, 3, figsize=(11, 3.4), dpi=80)
+    sizes = sorted({lv.num_sessions for lv in levels})
     for target in dict.fromkeys(lv.target for lv in levels):
         mine = sorted((lv for lv in levels if lv.target == target), key=lambda lv: lv.num_sessions)
         n = [lv.num_sessions for lv in mine]
@@ -255,6 +257,8 @@ def plot(levels: Sequence[LevelSummary], path: str | Path, title: str = "") -> N
         (underrun, "underrun total (s)"),
     ):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(n) for n in sizes])  # the levels measured, not powers of two between them
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("concurrent sessions N")
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
