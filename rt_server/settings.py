@@ -119,7 +119,7 @@ class Settings:
     urgent_within_ms: float = 500.0
     # a playing session's next segment before a new turn's first one when that would make its listener run out
     protect_playing: bool = True
-    protect_max_defer_ms: float = 1000.0  # ... for at most this long after the new turn's segment arrived; 0: no bound
+    protect_max_defer_ms: float = 3000.0  # ... for at most this long after the new turn's segment arrived; 0: no bound
     # Lifecycle
     shutdown_grace_s: float = 10.0
     ws_ping_interval_s: float = 20.0

@@ -116,7 +116,7 @@ def test_settings_from_env_and_flags() -> None:
     assert settings.max_buffer_ms == 3000
     assert settings.stall_timeout_s == 2.5
     assert settings.debug_endpoints is True
-    assert scheduler_config(settings).protect_max_defer_ms == 1000.0
+    assert scheduler_config(settings).protect_max_defer_ms == 3000.0
     deferring = ["serve", "--protect-max-defer-ms", "250", "--no-protect-playing"]
     protect = scheduler_config(settings_from_args(build_parser().parse_args(deferring), {}))
     assert (protect.protect_max_defer_ms, protect.protect_playing) == (250.0, False)

@@ -96,10 +96,10 @@ def test_a_playing_session_goes_before_a_new_turn_that_would_leave_it_silent() -
 
 
 def test_a_new_turn_is_deferred_for_at_most_protect_max_defer_ms() -> None:
-    # c arrived at 0.75 and has waited 0.95 s at 1.7: still deferred; arrived at 0.7, it has waited the
-    # default bound of 1 s: it goes first although a then runs dry
-    assert _batch(_playing_and_new_turn(1.7, new_turn_at=0.75)) == [("a", 1)]
-    capped = _playing_and_new_turn(1.7, new_turn_at=0.7)
+    # c arrived at -1.25 and has waited 2.95 s at 1.7: still deferred; arrived at -1.3, it has waited the
+    # default bound of 3 s: it goes first although a then runs dry
+    assert _batch(_playing_and_new_turn(1.7, new_turn_at=-1.25)) == [("a", 1)]
+    capped = _playing_and_new_turn(1.7, new_turn_at=-1.3)
     assert (_batch(capped), capped.protected) == ([("c", 0)], 0)
     assert _batch(_playing_and_new_turn(1.7, new_turn_at=0.3, protect_max_defer_ms=2000)) == [("a", 1)]
     assert _batch(_playing_and_new_turn(1.7, new_turn_at=0.3, protect_max_defer_ms=2000 - 600)) == [("c", 0)]

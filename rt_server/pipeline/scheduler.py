@@ -55,7 +55,7 @@ class SchedulerConfig:
     # listener run out of audio (estimated from the cost of past steps).
     protect_playing: bool = True
     # ... but a first segment that has waited this long is not deferred again (0: no bound).
-    protect_max_defer_ms: float = 1000.0
+    protect_max_defer_ms: float = 3000.0
     high_water_ms: float = 2000.0
     low_water_ms: float = 1000.0
     # Bound on one session's queue; the session's own input bound keeps it far below this.
