@@ -8,6 +8,7 @@ happens here, at start-up, so a bad value fails loudly before any model loads.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -272,9 +273,13 @@ def _convert(name: str, raw: str, type_name: str) -> Any:
         if type_name == "int":
             return int(raw)
         if type_name == "float":
-            return float(raw)
+            value = float(raw)
     except ValueError:
         raise SettingsError(f"{name}: cannot read {raw!r} as {type_name}") from None
+    if type_name == "float":
+        if not math.isfinite(value):  # nan would pass every bound check below and mean nothing
+            raise SettingsError(f"{name}: {raw!r} is not a finite number")
+        return value
     if type_name == "str | None":
         return raw or None
     if type_name == "tuple[str, ...]":  # comma-separated

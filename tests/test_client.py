@@ -161,6 +161,8 @@ def test_settings_from_env_and_flags() -> None:
         {"RT_SERVER_MODELS": "a;a"},
         {"RT_SERVER_DEFAULT_MODEL": "zzz"},
         {"RT_SERVER_PROTECT_MAX_DEFER_MS": "-1"},
+        {"RT_SERVER_PROTECT_MAX_DEFER_MS": "nan"},
+        {"RT_SERVER_STALL_TIMEOUT_S": "inf"},
     ],
 )
 def test_bad_settings_fail_loudly(env: dict[str, str]) -> None:

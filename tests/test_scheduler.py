@@ -102,10 +102,30 @@ def test_a_new_turn_is_deferred_for_at_most_protect_max_defer_ms() -> None:
     capped = _playing_and_new_turn(1.7, new_turn_at=-1.3)
     assert (_batch(capped), capped.protected) == ([("c", 0)], 0)
     assert _batch(_playing_and_new_turn(1.7, new_turn_at=0.3, protect_max_defer_ms=2000)) == [("a", 1)]
-    assert _batch(_playing_and_new_turn(1.7, new_turn_at=0.3, protect_max_defer_ms=2000 - 600)) == [("c", 0)]
+    assert _batch(_playing_and_new_turn(1.7, new_turn_at=0.3, protect_max_defer_ms=1400)) == [("c", 0)]
     assert _batch(_playing_and_new_turn(1.7, new_turn_at=-60.0, protect_max_defer_ms=0)) == [("a", 1)]  # no bound
     with pytest.raises(ValueError, match="protect_max_defer_ms"):
         SchedulerConfig(protect_max_defer_ms=-1)
+
+
+def test_the_bound_is_taken_from_the_longest_waiting_new_turn() -> None:
+    # a is playing and about to run dry (as above); d's turn has waited past the bound, c's has just arrived:
+    # d goes first, and c then still waits behind a
+    sched = _scheduler(max_batch_size=1)
+    for name in "acd":
+        sched.open_session(name)
+    sched.submit(_job("a", 0, first=True))
+    sched.plan(0.0)
+    sched.complete(_job("a", 0, first=True), audio_ms=1000, now=1.0)
+    sched.observe_step([_job("x", 0, 98)], compute_s=1.0)
+    sched.submit(_job("a", 1, 20, at=1.1))
+    sched.submit(_job("c", 0, 20, first=True, at=1.6))
+    sched.submit(_job("d", 0, 20, first=True, at=-1.5))
+    first, second = sched.plan(1.7), sched.plan(1.7)
+    assert isinstance(first, Batch) and isinstance(second, Batch)
+    assert (_batch(first), first.protected) == ([("d", 0)], 0)
+    assert (_batch(second), second.protected) == ([("a", 1)], 1)
+    assert _batch(sched.plan(1.7)) == [("c", 0)]
 
 
 def test_the_cost_estimate_follows_the_observed_steps() -> None:
