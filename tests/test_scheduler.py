@@ -61,19 +61,24 @@ def test_first_segment_of_a_turn_goes_first_then_earliest_deadline() -> None:
     assert _batch(sched.plan(1.8)) == [("a", 1)]  # runs out at 6.0
 
 
-def _playing_and_new_turn(now: float, *, observed: bool = True, new_turn_at: float = 1.2, **overrides: object) -> Batch:
-    """a hears 1 s of audio from t=1 (it runs out at 2.0) and has its next segment queued; c starts a turn at
-    `new_turn_at`. Both segments cost 22 units (20 phonemes + 2 boundary tokens); observed: 0.01 s a unit (0.22 s
-    each)."""
+def _a_playing(*, observed: bool = True, **overrides: object) -> Scheduler:
+    """a hears 1 s of audio from t=1 (it runs out at 2.0) and has its next segment queued at 1.1: 22 units
+    (20 phonemes + 2 boundary tokens); observed: a step of 0.01 s a unit (0.22 s for that segment)."""
     sched = _scheduler(**{"max_batch_size": 1, **overrides})  # type: ignore[arg-type]
     sched.open_session("a")
-    sched.open_session("c")
     sched.submit(_job("a", 0, first=True))
     sched.plan(0.0)
     sched.complete(_job("a", 0, first=True), audio_ms=1000, now=1.0)
     if observed:
         sched.observe_step([_job("x", 0, 98)], compute_s=1.0)  # 100 units in 1 s
     sched.submit(_job("a", 1, 20, at=1.1))
+    return sched
+
+
+def _playing_and_new_turn(now: float, *, observed: bool = True, new_turn_at: float = 1.2, **overrides: object) -> Batch:
+    """`_a_playing`, and c starts a turn at `new_turn_at` with a segment of the same cost."""
+    sched = _a_playing(observed=observed, **overrides)
+    sched.open_session("c")
     sched.submit(_job("c", 0, 20, first=True, at=new_turn_at))
     plan = sched.plan(now)
     assert isinstance(plan, Batch), plan
@@ -111,14 +116,9 @@ def test_a_new_turn_is_deferred_for_at_most_protect_max_defer_ms() -> None:
 def test_the_bound_is_taken_from_the_longest_waiting_new_turn() -> None:
     # a is playing and about to run dry (as above); d's turn has waited past the bound, c's has just arrived:
     # d goes first, and c then still waits behind a
-    sched = _scheduler(max_batch_size=1)
-    for name in "acd":
-        sched.open_session(name)
-    sched.submit(_job("a", 0, first=True))
-    sched.plan(0.0)
-    sched.complete(_job("a", 0, first=True), audio_ms=1000, now=1.0)
-    sched.observe_step([_job("x", 0, 98)], compute_s=1.0)
-    sched.submit(_job("a", 1, 20, at=1.1))
+    sched = _a_playing()
+    sched.open_session("c")
+    sched.open_session("d")
     sched.submit(_job("c", 0, 20, first=True, at=1.6))
     sched.submit(_job("d", 0, 20, first=True, at=-1.5))
     first, second = sched.plan(1.7), sched.plan(1.7)
@@ -129,19 +129,13 @@ def test_the_bound_is_taken_from_the_longest_waiting_new_turn() -> None:
 
 
 def test_the_cost_estimate_follows_the_observed_steps() -> None:
-    sched = _scheduler(max_batch_size=1)
-    sched.observe_step([_job("x", 0, 98)], compute_s=1.0)  # 0.01 s a unit
+    sched = _a_playing()  # 0.01 s a unit
     for _ in range(40):
         sched.observe_step([_job("x", 0, 18), _job("y", 0, 18)], compute_s=0.2)  # 40 units: 0.005 s a unit
     sched.observe_step([], compute_s=1.0)  # nothing ran: ignored
     sched.observe_step([_job("x", 0, 18)], compute_s=float("nan"))  # ignored
     assert sched.seconds_per_cost == pytest.approx(0.005, rel=1e-3)
-    sched.open_session("a")
     sched.open_session("c")
-    sched.submit(_job("a", 0, first=True))
-    sched.plan(0.0)
-    sched.complete(_job("a", 0, first=True), audio_ms=1000, now=1.0)
-    sched.submit(_job("a", 1, 20, at=1.1))
     sched.submit(_job("c", 0, 20, first=True, at=1.2))
     # at 0.005 s a unit a needs 0.11 + 0.11 + 0.1 = 0.32 s: 0.4 s left is enough for c first (0.01: 0.54 s)
     assert _batch(sched.plan(1.6)) == [("c", 0)]
