@@ -404,6 +404,12 @@ class ModelEngine:
         rng = np.random.default_rng()  # seeds for the sine-source noise when `noise` is on
         timeout_s: float | None = None
         batches = 0
+
+        def publish(running: int) -> None:
+            self.stats = EngineStats(
+                scheduler.queue_depth, scheduler.num_sessions, batches, running, scheduler.seconds_per_cost
+            )
+
         while True:
             commands, consumed = self._inbox.take(timeout_s)
             if self._inbox.stopping:
@@ -417,9 +423,7 @@ class ModelEngine:
             now = time.monotonic()
             plan = scheduler.plan(now)
             if isinstance(plan, Batch):
-                self.stats = EngineStats(
-                    scheduler.queue_depth, scheduler.num_sessions, batches, len(plan.jobs), scheduler.seconds_per_cost
-                )
+                publish(len(plan.jobs))
                 self._run_batch(scheduler, loaded, plan.jobs, rng, plan.protected)
                 batches += 1
                 timeout_s = 0.0
@@ -427,9 +431,7 @@ class ModelEngine:
                 timeout_s = max(0.0, plan.until - now)
             else:
                 timeout_s = None
-            self.stats = EngineStats(
-                scheduler.queue_depth, scheduler.num_sessions, batches, 0, scheduler.seconds_per_cost
-            )
+            publish(0)
 
     def _apply(self, scheduler: Scheduler, runner: ModelRunnerLike, command: _Command) -> None:
         if isinstance(command, SegmentJob):
