@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pytest
 
-from rt_server.engine import LoadedModel, ModelEngine
+from rt_server.engine import EngineStats, LoadedModel, ModelEngine
 from rt_server.pipeline.jobs import SegmentAudio, SegmentFailed, SegmentJob, SegmentOutcome
 from rt_server.pipeline.scheduler import SchedulerConfig
 
@@ -109,6 +109,18 @@ async def _engine(runner: FakeRunner, *, noise: bool = False, **config: Any) -> 
     return engine
 
 
+async def _stats_until(engine: ModelEngine, predicate: Callable[[EngineStats], bool]) -> None:
+    """Until the stats the engine thread publishes satisfy `predicate` (at most 10 s)."""
+    async with asyncio.timeout(10):
+        while not predicate(engine.stats):  # noqa: ASYNC110 - polls another thread's state; no event to await
+            await asyncio.sleep(0.005)
+
+
+async def _settled(engine: ModelEngine, batches: int) -> None:
+    """Until the engine thread has finished `batches` steps and published its stats after them."""
+    await _stats_until(engine, lambda stats: stats.batches == batches and stats.running == 0)
+
+
 async def test_delivers_each_sessions_outcomes_in_order() -> None:
     runner = FakeRunner()
     engine = await _engine(runner)
@@ -145,15 +157,6 @@ async def test_a_failing_batch_fails_only_its_segments_and_the_engine_goes_on() 
     assert isinstance(b.items[0], SegmentAudio)
 
 
-async def _settled(engine: ModelEngine, batches: int) -> None:
-    """Until the engine thread has finished `batches` steps and published its stats after them."""
-    for _ in range(1000):
-        if engine.stats.batches == batches and engine.stats.running == 0:
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError(f"engine stats after 5 s: {engine.stats}")
-
-
 async def test_a_failed_step_is_not_taken_into_the_cost_estimate() -> None:
     runner = FakeRunner()
     engine = await _engine(runner, max_batch_size=1)
@@ -180,9 +183,7 @@ async def test_abort_between_steps_drops_queued_work() -> None:
     runner.gate.clear()  # hold the first batch inside the model
     for seq in range(4):
         engine.submit(_job("a", seq))
-    async with asyncio.timeout(10):
-        while engine.stats.running == 0:  # noqa: ASYNC110 - polls another thread's state; no event to await
-            await asyncio.sleep(0.01)
+    await _stats_until(engine, lambda stats: stats.running > 0)
     engine.abort("a")  # applied after the running step, before the next
     engine.submit(_job("a", 10))
     runner.gate.set()
@@ -335,9 +336,7 @@ async def test_an_opening_goes_ahead_only_when_no_other_session_waits() -> None:
         engine.open_session(name, inbox)
     runner.gate.clear()  # hold x's batch inside the model while b and c queue up
     engine.submit(_job("x", 0))
-    async with asyncio.timeout(10):
-        while engine.stats.running == 0:  # noqa: ASYNC110 - polls another thread's state; no event to await
-            await asyncio.sleep(0.01)
+    await _stats_until(engine, lambda stats: stats.running > 0)
     engine.submit(_first_job("b", 0))
     engine.submit(_job("c", 0))
     await asyncio.sleep(0.05)
