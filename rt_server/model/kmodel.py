@@ -44,6 +44,7 @@ from rt_server.model.layers import (
     weight_packing_available,
 )
 from rt_server.model.prosody import ProsodyPredictor, TextEncoder, expand_to_frames
+from rt_server.model.styles import StyleAffines
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +112,12 @@ class Chunk:
 @dataclass
 class _Prepared:
     """A batch up to the generator (`KModel._prepare`): decoder features [B, C, 2F], the sine source's STFT
-    [B, n_fft + 2, 120F + 1], acoustic styles [B, 128], geometry, and each item's durations (CPU)."""
+    [B, n_fft + 2, 120F + 1], acoustic styles [B, 128] (with the fused layers' affines under reduced
+    precision: `Decoder.style_affines`), geometry, and each item's durations (CPU)."""
 
     x: Tensor
     har: Tensor
-    s: Tensor
+    s: Tensor | StyleAffines
     geo: FrameGeometry
     pred_dur: list[Tensor]
 
@@ -241,6 +243,7 @@ class KModel(nn.Module):
         for sub in self.decoder.generator.modules():
             if isinstance(sub, AdaINResBlock1):
                 sub.use_int8(precision == "int8")  # its quantiser is eager until `compile_kernels`
+        self.decoder.project_styles(reduced is not None)
 
     def compile_kernels(self, enabled: bool = True) -> bool:
         """Run the decoder's fused AdaIN + Snake work through `torch.compile` (see rt_server/model/kernels.py),
@@ -551,10 +554,11 @@ class KModel(nn.Module):
         # Durations and the F0 and energy curves stay float32: the timing is then exactly the fp32 model's, and
         # the sine source follows an F0 with float32 resolution (bf16 would quantise 200 Hz to about 1 Hz).
         with self._reduced():
-            x = self.decoder.features(asr, f0.float(), n.float(), s_acoustic, geo)
+            styles = self.decoder.style_affines(s_acoustic)
+            x = self.decoder.features(asr, f0.float(), n.float(), styles, geo)
             har = self.decoder.generator.harmonic_source(f0.float(), geo, noise).to(x.dtype)
         pred_dur = pred_dur.cpu()
-        return _Prepared(x, har, s_acoustic, geo, [pred_dur[i, :n_tok] for i, n_tok in enumerate(lengths_list)])
+        return _Prepared(x, har, styles, geo, [pred_dur[i, :n_tok] for i, n_tok in enumerate(lengths_list)])
 
     def _render(
         self, prepared: _Prepared, windows: Sequence[tuple[int, int]], rows: Sequence[int] | None = None
@@ -578,7 +582,7 @@ class KModel(nn.Module):
             for j, (row, (a, b)) in enumerate(zip(rows, windows, strict=True)):
                 x[j, :, : 2 * (b - a)] = prepared.x[row, :, 2 * a : 2 * b]
                 har[j, :, : per_frame * (b - a) + 1] = prepared.har[row, :, per_frame * a : per_frame * b + 1]
-            s = prepared.s[list(rows)]
+            s = prepared.s.rows(rows) if isinstance(prepared.s, StyleAffines) else prepared.s[list(rows)]
         with self._reduced():
             audio = self.decoder.generator.synthesize(x, s, har, geo)
         audio = audio.float().cpu()

@@ -23,6 +23,7 @@ from rt_server.model.kernels import (
     apply_mask,
     moments,
 )
+from rt_server.model.styles import StyleAffines
 
 _log = logging.getLogger(__name__)
 
@@ -325,22 +326,29 @@ class AdaIN1d(nn.Module):
 
     def __init__(self, style_dim: int, channels: int) -> None:
         super().__init__()
+        self.channels = channels
         self.norm = InstanceNormAffine(channels)
         self.fc = nn.Linear(style_dim, channels * 2)
         self.fused = False
         self.kernel: AdainAct = adain_act_eager
 
-    def forward(self, x: Tensor, s: Tensor, mask: Tensor | None, alpha: Tensor | None = None) -> Tensor:
-        """AdaIN of x [B, C, L] under style s [B, style_dim], then Snake with `alpha` if given; zero on the
-        padding."""
-        h = self.fc(s).unsqueeze(-1)
-        gamma, beta = torch.chunk(h, chunks=2, dim=1)
+    def affine(self, s: Tensor) -> tuple[Tensor, Tensor]:
+        """The fused path's per-channel scale and shift [B, C, 1] under styles s [B, style_dim], in float32:
+        `(1 + gamma) * norm.weight` and `(1 + gamma) * norm.bias + beta`."""
+        with torch.autocast(device_type=s.device.type, enabled=False):
+            gamma, beta = torch.chunk(F.linear(s.float(), self.fc.weight.float(), self.fc.bias.float()), 2, dim=1)
+            gain = 1 + gamma
+            return (gain * self.norm.weight.float()).unsqueeze(-1), (gain * self.norm.bias.float() + beta).unsqueeze(-1)
+
+    def forward(self, x: Tensor, s: Tensor | StyleAffines, mask: Tensor | None, alpha: Tensor | None = None) -> Tensor:
+        """AdaIN of x [B, C, L] under style s [B, style_dim] (or its affines, computed ahead for the fused
+        path: `StyleProjection`), then Snake with `alpha` if given; zero on the padding."""
         if not self.fused:
+            vector = s.vector if isinstance(s, StyleAffines) else s
+            gamma, beta = torch.chunk(self.fc(vector).unsqueeze(-1), chunks=2, dim=1)
             y = (1 + gamma) * self.norm(x, mask) + beta
             return apply_mask(y if alpha is None else snake(y, alpha), mask)
-        gain = 1 + gamma.float()
-        scale = gain * self.norm.weight[:, None].float()
-        shift = gain * self.norm.bias[:, None].float() + beta.float()
+        scale, shift = s.affines[self] if isinstance(s, StyleAffines) else self.affine(s)
         snake_alpha = None if alpha is None else alpha.float()
         if self.kernel is adain_act_eager:
             return adain_act_eager(x, mask, scale, shift, snake_alpha)
@@ -400,7 +408,7 @@ class AdainResBlk1d(nn.Module):
         if upsample:
             self.pool = WNConvTranspose1d(dim_in, dim_in, 3, stride=2, padding=1, output_padding=1, groups=dim_in)
 
-    def forward(self, x: Tensor, s: Tensor, mask: Tensor | None, out_mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, s: Tensor | StyleAffines, mask: Tensor | None, out_mask: Tensor | None) -> Tensor:
         """`mask` covers x's length, `out_mask` the output's (twice as long when upsampling)."""
         res = F.leaky_relu(self.norm1(x, s, mask), LEAKY_SLOPE)
         if self.upsample:
