@@ -3,9 +3,9 @@
 Every AdaIN layer turns the style vector into a per-channel scale and shift (`AdaIN1d.affine`: its style
 projection, `1 + gamma`, the norm's own affine folded in). The result depends on the style alone, so within
 one segment it is the same for every window and every pass, yet computed per layer per call it is some 15 small
-operations, about 600 per generator pass: 13 of a 32-frame window's 82 ms on a 2-core CPU, more than its
-largest convolution. `StyleProjection` stacks the projections of all the decoder's fused layers into one float32
-product; its `StyleAffines` are computed once per batch (`KModel._prepare`) and looked up by each layer.
+operations, about 600 per generator pass: 13 of a 32-frame window's 82 ms on a 2-core CPU. `StyleProjection`
+stacks the projections of all the decoder's fused layers into one float32 product; its `StyleAffines` are
+computed once per batch (`KModel._prepare`) and looked up by each layer.
 """
 
 from __future__ import annotations
