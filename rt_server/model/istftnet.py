@@ -254,7 +254,8 @@ class Generator(nn.Module):
         Returns audio [B, 600F]."""
         n_frames = har.shape[-1]  # 120F + 1: one STFT frame per hop, plus the centred edge frame
         stft_mask = geo.mask(2 * math.prod(self.cfg.upsample_rates), n_frames, extra=1)
-        packed = self.conv_post.packed_weight is not None  # then every convolution here leaves channels last
+        # Packed weights: the blocks' convolutions leave channels last, and the inputs that do not are converted.
+        packed = self.conv_post.packed_weight is not None
         scale = 2
         for i, rate in enumerate(self.cfg.upsample_rates):
             x = F.leaky_relu(x, 0.1)

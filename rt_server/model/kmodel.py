@@ -207,9 +207,10 @@ class KModel(nn.Module):
 
     def set_precision(self, precision: str) -> None:
         """`fp32` computes every layer in the reference's operation order (it matches the reference to float
-        rounding). `bf16`/`fp16` run the decoder's convolutions and matmuls in that precision (weights folded
-        into it once) and fuse its AdaIN and Snake element-wise work; durations, F0 and energy, the sine source
-        and both STFTs stay in float32. `int8` (a CPU with oneDNN; fast where it has VNNI) is bf16 with the
+        rounding). `bf16`/`fp16` run the decoder's convolutions in that precision (weights folded into it once)
+        and fuse its AdaIN and Snake element-wise work (the AdaIN layers' style projections in float32, all in
+        one product per batch: `Decoder.project_styles`); durations, F0 and energy, the sine source and both
+        STFTs stay in float32. `int8` (a CPU with oneDNN; fast where it has VNNI) is bf16 with the
         convolutions of the generator's residual blocks, nearly all of its work, in int8: weights per output
         channel, activations per call and tensor (`layers.Int8Conv1d`). An item's int8 result then depends on
         the largest activation in its batch, so batched items are close to, not equal to, their single runs.

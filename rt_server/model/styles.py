@@ -75,10 +75,11 @@ class StyleProjection(nn.Module):
         """The affines of every layer under styles s [B, style_dim]: `AdaIN1d.affine`'s values, in one
         product (equal to the layer's own up to the float32 sums' order)."""
         with torch.autocast(device_type=s.device.type, enabled=False):
+            # `.float()` is free on the float32 buffers and keeps the contract if a caller casts the module.
             s32 = s.float()
-            gain = 1 + F.linear(s32, self.gamma_weight, self.gamma_bias)
-            scale = gain * self.norm_weight
-            shift = gain * self.norm_bias + F.linear(s32, self.beta_weight, self.beta_bias)
+            gain = 1 + F.linear(s32, self.gamma_weight.float(), self.gamma_bias.float())
+            scale = gain * self.norm_weight.float()
+            shift = gain * self.norm_bias.float() + F.linear(s32, self.beta_weight.float(), self.beta_bias.float())
         scales = torch.split(scale, self.sizes, dim=1)
         shifts = torch.split(shift, self.sizes, dim=1)
         affines = {
