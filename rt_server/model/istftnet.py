@@ -233,7 +233,9 @@ class Generator(nn.Module):
                 self.noise_res.append(AdaINResBlock1(ch, 11, (1, 3, 5), style_dim))
         self.conv_post = WNConv1d(ch, self.n_fft + 2, 7, padding=3)
 
-    def forward(self, x: Tensor, s: Tensor, f0: Tensor, geo: FrameGeometry, noise: Sequence[Tensor | None]) -> Tensor:
+    def forward(
+        self, x: Tensor, s: Tensor | StyleAffines, f0: Tensor, geo: FrameGeometry, noise: Sequence[Tensor | None]
+    ) -> Tensor:
         """x: [B, C, 2F]; f0: [B, 2F] in Hz (zero on padding). Returns audio [B, 600F]."""
         return self.synthesize(x, s, self.harmonic_source(f0, geo, noise).to(x.dtype), geo)
 
@@ -328,7 +330,8 @@ class Decoder(nn.Module):
         noise: Sequence[Tensor | None],
     ) -> Tensor:
         """asr: [B, C, F]; curves: [B, 2F] (zero on padding). Returns audio [B, 600F]."""
-        return self.generator(self.features(asr, f0_curve, n_curve, s, geo), s, f0_curve, geo, noise)
+        styles = self.style_affines(s)
+        return self.generator(self.features(asr, f0_curve, n_curve, styles, geo), styles, f0_curve, geo, noise)
 
     def features(
         self, asr: Tensor, f0_curve: Tensor, n_curve: Tensor, s: Tensor | StyleAffines, geo: FrameGeometry

@@ -23,7 +23,7 @@ from rt_server.model.kernels import (
     apply_mask,
     moments,
 )
-from rt_server.model.styles import StyleAffines
+from rt_server.model.styles import StyleAffines, fold_affine
 
 _log = logging.getLogger(__name__)
 
@@ -337,8 +337,8 @@ class AdaIN1d(nn.Module):
         `(1 + gamma) * norm.weight` and `(1 + gamma) * norm.bias + beta`."""
         with torch.autocast(device_type=s.device.type, enabled=False):
             gamma, beta = torch.chunk(F.linear(s.float(), self.fc.weight.float(), self.fc.bias.float()), 2, dim=1)
-            gain = 1 + gamma
-            return (gain * self.norm.weight.float()).unsqueeze(-1), (gain * self.norm.bias.float() + beta).unsqueeze(-1)
+            scale, shift = fold_affine(gamma, beta, self.norm.weight.float(), self.norm.bias.float())
+        return scale.unsqueeze(-1), shift.unsqueeze(-1)
 
     def forward(self, x: Tensor, s: Tensor | StyleAffines, mask: Tensor | None, alpha: Tensor | None = None) -> Tensor:
         """AdaIN of x [B, C, L] under style s [B, style_dim] (or its affines, computed ahead for the fused

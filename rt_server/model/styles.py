@@ -22,6 +22,12 @@ if TYPE_CHECKING:
     from rt_server.model.layers import AdaIN1d
 
 
+def fold_affine(gamma: Tensor, beta: Tensor, norm_weight: Tensor, norm_bias: Tensor) -> tuple[Tensor, Tensor]:
+    """AdaIN's `(1 + gamma) * (w * IN(x) + b) + beta` as one scale and shift applied to IN(x)."""
+    gain = 1 + gamma
+    return gain * norm_weight, gain * norm_bias + beta
+
+
 @dataclass(frozen=True, eq=False)
 class StyleAffines:
     """Styles [B, style_dim] with each projected layer's float32 scale and shift, [B, C, 1] each."""
@@ -77,9 +83,12 @@ class StyleProjection(nn.Module):
         with torch.autocast(device_type=s.device.type, enabled=False):
             # `.float()` is free on the float32 buffers and keeps the contract if a caller casts the module.
             s32 = s.float()
-            gain = 1 + F.linear(s32, self.gamma_weight.float(), self.gamma_bias.float())
-            scale = gain * self.norm_weight.float()
-            shift = gain * self.norm_bias.float() + F.linear(s32, self.beta_weight.float(), self.beta_bias.float())
+            scale, shift = fold_affine(
+                F.linear(s32, self.gamma_weight.float(), self.gamma_bias.float()),
+                F.linear(s32, self.beta_weight.float(), self.beta_bias.float()),
+                self.norm_weight.float(),
+                self.norm_bias.float(),
+            )
         scales = torch.split(scale, self.sizes, dim=1)
         shifts = torch.split(shift, self.sizes, dim=1)
         affines = {
