@@ -126,7 +126,12 @@ def create_app(settings: Settings, *, loader: Loader = load_model) -> Starlette:
 
     engines = {
         spec.name: ModelEngine(
-            spec.name, partial(loader, spec), scheduler_config(settings), noise=settings.noise, on_batch=on_batch
+            spec.name,
+            partial(loader, spec),
+            scheduler_config(settings),
+            noise=settings.noise,
+            on_batch=on_batch,
+            prime_after_idle_s=settings.prime_after_idle_ms / 1000.0 or None,
         )
         for spec in settings.models
     }

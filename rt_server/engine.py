@@ -95,6 +95,11 @@ class ModelRunnerLike(Protocol):
 
     def warmup(self) -> None: ...
 
+    def prime(self, interrupt: Callable[[], bool] | None = None) -> bool:
+        """Run a short piece of work that leaves the model warm for the next request, stopping early once
+        `interrupt()` is true; returns whether it ran to the end."""
+        ...
+
 
 # Builds the runner's request type:
 # (phonemes, voice, speed, seed, max_lead_frames, max_trail_frames, first_chunk_frames) -> SynthesisRequest.
@@ -139,6 +144,7 @@ class EngineStats:
     batches: int = 0
     running: int = 0  # segments in the batch running now
     seconds_per_cost: float | None = None  # the scheduler's estimate of a step's cost (`protect_playing`)
+    primes: int = 0  # times the model was primed for a turn after an idle spell (`prime_after_idle_s`)
 
 
 class EngineOverloadedError(RuntimeError):
@@ -165,12 +171,17 @@ class _Abort:
 
 
 @dataclass(frozen=True)
+class _Prime:
+    """A session's turn has begun: its first segment is on the way."""
+
+
+@dataclass(frozen=True)
 class _Call:
     fn: Callable[[ModelRunnerLike], Any]
     future: concurrent.futures.Future[Any]
 
 
-_Command = _Open | _Close | _Abort | SegmentJob | _Call
+_Command = _Open | _Close | _Abort | _Prime | SegmentJob | _Call
 
 
 class _Inbox:
@@ -215,6 +226,11 @@ class _Inbox:
             self._commands.clear()
         _fail_calls(commands, reason)
 
+    def waiting(self) -> bool:
+        """Whether a command is waiting (a prime gives way to it)."""
+        with self._cond:
+            return bool(self._commands) or self.stopping
+
     def take(self, timeout_s: float | None) -> tuple[list[_Command], dict[str, float]]:
         """Everything waiting; blocks up to `timeout_s` (None: until something arrives) when nothing is."""
         with self._cond:
@@ -240,12 +256,16 @@ class ModelEngine:
         *,
         noise: bool,
         on_batch: Callable[[BatchReport], None] | None = None,
+        prime_after_idle_s: float | None = None,
     ) -> None:
+        """`prime_after_idle_s`: a `prime` that finds the model idle at least this long runs `runner.prime()`
+        before anything else (None: never)."""
         self.name = name
         self._load = load
         self._scheduler_config = scheduler_config
         self._noise = noise
         self._on_batch = on_batch
+        self._prime_after_idle_s = prime_after_idle_s
         self._inbox = _Inbox()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -341,6 +361,14 @@ class ModelEngine:
     def abort(self, session_id: str) -> None:
         self._inbox.put(_Abort(session_id))
 
+    def prime(self) -> None:
+        """A turn has begun and its first segment is not cut yet. If the model has been idle for
+        `prime_after_idle_s`, the engine runs `runner.prime()` now, while the rest of the segment arrives: on
+        a CPU left idle for a few hundred milliseconds the next segment's front ran at half speed (its caches
+        cold), and this spends that cost before the segment arrives instead of after (docs/performance.md)."""
+        if self._prime_after_idle_s is not None:
+            self._inbox.put(_Prime())
+
     def report_consumed(self, session_id: str, consumed_ms: float) -> None:
         self._inbox.report(session_id, consumed_ms)
 
@@ -403,11 +431,12 @@ class ModelEngine:
         scheduler = Scheduler(config)
         rng = np.random.default_rng()  # seeds for the sine-source noise when `noise` is on
         timeout_s: float | None = None
-        batches = 0
+        batches = primes = 0
+        busy_until = time.monotonic()  # when the model last stopped working
 
         def publish(running: int) -> None:
             self.stats = EngineStats(
-                scheduler.queue_depth, scheduler.num_sessions, batches, running, scheduler.seconds_per_cost
+                scheduler.queue_depth, scheduler.num_sessions, batches, running, scheduler.seconds_per_cost, primes
             )
 
         while True:
@@ -416,6 +445,7 @@ class ModelEngine:
                 self._inbox.close(f"engine {self.name} stopped")
                 _fail_calls(commands, f"engine {self.name} stopped")
                 return
+            primed = any(isinstance(command, _Prime) for command in commands)
             for command in commands:
                 self._apply(scheduler, loaded.runner, command)
             for session_id, consumed_ms in consumed.items():
@@ -426,12 +456,32 @@ class ModelEngine:
                 publish(len(plan.jobs))
                 self._run_batch(scheduler, loaded, plan.jobs, rng, plan.protected)
                 batches += 1
+                busy_until = time.monotonic()
                 timeout_s = 0.0
+            elif primed and not scheduler.queue_depth and self._idle_enough(now - busy_until):
+                if self._prime(loaded.runner):  # nothing to run: segments that arrive meanwhile wait for it
+                    primes += 1
+                busy_until = time.monotonic()
+                timeout_s = 0.0  # plan again at once
             elif isinstance(plan, Wait):
                 timeout_s = max(0.0, plan.until - now)
             else:
                 timeout_s = None
             publish(0)
+
+    def _idle_enough(self, idle_s: float) -> bool:
+        return self._prime_after_idle_s is not None and idle_s >= self._prime_after_idle_s
+
+    def _prime(self, runner: ModelRunnerLike) -> bool:
+        started = time.perf_counter()
+        try:
+            finished = runner.prime(self._inbox.waiting)  # gives way to a segment (any command) between its parts
+        except Exception:  # only a warm-up: the segment itself will say whether the model works
+            log.warning("model %s: priming failed", self.name, exc_info=True)
+            return False
+        elapsed_ms = 1000 * (time.perf_counter() - started)
+        log.debug("model %s: primed in %.0f ms%s", self.name, elapsed_ms, "" if finished else " (cut short)")
+        return True
 
     def _apply(self, scheduler: Scheduler, runner: ModelRunnerLike, command: _Command) -> None:
         if isinstance(command, SegmentJob):
@@ -442,6 +492,8 @@ class ModelEngine:
             scheduler.close_session(command.session_id)
         elif isinstance(command, _Abort):
             scheduler.abort(command.session_id)
+        elif isinstance(command, _Prime):
+            return  # `_serve` decides once the step is planned
         elif command.future.set_running_or_notify_cancel():
             try:
                 command.future.set_result(command.fn(runner))

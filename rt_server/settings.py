@@ -121,6 +121,9 @@ class Settings:
     # a playing session's next segment before a new turn's first one when that would make its listener run out
     protect_playing: bool = True
     protect_max_defer_ms: float = 3000.0  # ... for at most this long after the new turn's segment arrived; 0: no bound
+    # a turn's first phonemes, arriving while the model has been idle this long, have it run a short phrase's
+    # front at once (ModelRunner.prime): a CPU left idle ran the next front at half speed; 0: never
+    prime_after_idle_ms: float = 200.0
     # Lifecycle
     shutdown_grace_s: float = 10.0
     ws_ping_interval_s: float = 20.0
@@ -169,6 +172,7 @@ class Settings:
             "batch_wait_ms",
             "urgent_within_ms",
             "protect_max_defer_ms",
+            "prime_after_idle_ms",
             "shutdown_grace_s",
             "ws_ping_interval_s",
             "idle_timeout_s",

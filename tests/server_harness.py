@@ -121,7 +121,7 @@ class _PoisonedRunner:
         self.device_type = runner.device_type
         self.unknown_symbols, self.voice_names = runner.unknown_symbols, runner.voice_names
         self.vocabulary = runner.vocabulary
-        self.warmup, self.opening_share = runner.warmup, runner.opening_share
+        self.warmup, self.opening_share, self.prime = runner.warmup, runner.opening_share, runner.prime
 
     def check_voice(self, spec: str) -> None:
         if spec == BROKEN_VOICE:

@@ -38,6 +38,12 @@ class FakeRunner:
         self.batches: list[list[tuple[str, str, float, int | None, int | None]]] = []
         self.gate = threading.Event()
         self.gate.set()
+        self.primes = 0
+        self.priming = threading.Event()  # set when a prime starts
+        self.prime_gate = threading.Event()  # holds a prime while clear
+        self.prime_gate.set()
+        self.prime_error: Exception | None = None
+        self.interrupted: list[bool] = []  # per prime: whether its `interrupt()` said stop when it ended
 
     def unknown_symbols(self, phonemes: str) -> list[str]:
         return [c for c in dict.fromkeys(phonemes) if c not in self.vocabulary()]
@@ -64,6 +70,15 @@ class FakeRunner:
 
     def warmup(self) -> None:
         pass
+
+    def prime(self, interrupt: Callable[[], bool] | None = None) -> bool:
+        self.priming.set()
+        self.prime_gate.wait(10)
+        self.primes += 1
+        if self.prime_error is not None:
+            raise self.prime_error
+        self.interrupted.append(interrupt is not None and interrupt())
+        return True
 
     def opening_share(self) -> float:
         return 0.5
@@ -102,9 +117,17 @@ class Inbox:
         return self.items
 
 
-async def _engine(runner: FakeRunner, *, noise: bool = False, **config: Any) -> ModelEngine:
+async def _engine(
+    runner: FakeRunner, *, noise: bool = False, prime_after_idle_s: float | None = None, **config: Any
+) -> ModelEngine:
     settings = {"max_wait_ms": 0.0, **config}
-    engine = ModelEngine("fake", lambda: LoadedModel(runner, _request), SchedulerConfig(**settings), noise=noise)
+    engine = ModelEngine(
+        "fake",
+        lambda: LoadedModel(runner, _request),
+        SchedulerConfig(**settings),
+        noise=noise,
+        prime_after_idle_s=prime_after_idle_s,
+    )
     await engine.start()
     return engine
 
@@ -348,3 +371,71 @@ async def test_an_opening_goes_ahead_only_when_no_other_session_waits() -> None:
     await engine.stop()
     assert runner.first_chunks == [None, None, None, 2]
     assert [(o.seq, isinstance(o, SegmentAudio) and o.final) for o in b.items] == [(0, True), (1, False), (1, True)]
+
+
+async def test_a_prime_after_an_idle_spell_runs_once_and_segments_arriving_meanwhile_follow_it() -> None:
+    runner = FakeRunner()
+    engine = await _engine(runner, prime_after_idle_s=0.3)
+    a = Inbox()
+    engine.open_session("a", a)
+    await asyncio.sleep(0.4)  # idle since the warm-up
+    runner.prime_gate.clear()
+    engine.prime()
+    engine.prime()  # taken with the first, or after it with the model no longer idle: no second prime
+    await asyncio.to_thread(runner.priming.wait, 10)
+    engine.submit(_job("a", 0))  # arrives while the prime runs: waits for it, then goes
+    runner.prime_gate.set()
+    await a.wait_for(1)
+    await _settled(engine, 1)
+    engine.prime()  # the model has just worked: not idle long enough
+    engine.submit(_job("a", 1))
+    await a.wait_for(2)
+    await _settled(engine, 2)
+    await engine.stop()
+    assert runner.primes == engine.stats.primes == 1
+    assert [o.seq for o in a.items] == [0, 1] and all(isinstance(o, SegmentAudio) for o in a.items)
+
+
+async def test_no_prime_while_segments_wait_or_when_priming_is_off() -> None:
+    runner = FakeRunner()
+    engine = await _engine(runner, max_batch_size=1, prime_after_idle_s=0.0)
+    a = Inbox()
+    engine.open_session("a", a)
+    runner.gate.clear()  # hold the first step inside the model, with a second segment queued behind it
+    engine.submit(_job("a", 0))
+    engine.submit(_job("a", 1))
+    await _stats_until(engine, lambda stats: stats.running > 0)
+    engine.prime()  # applied between the steps, with segment 1 queued: the step goes first, no prime
+    runner.gate.set()
+    await a.wait_for(2)
+    await _settled(engine, 2)
+    assert runner.primes == 0
+    engine.prime()  # now nothing waits (and any idle time is enough)
+    await _stats_until(engine, lambda stats: stats.primes == 1)
+    await engine.stop()
+
+    off = FakeRunner()
+    engine = await _engine(off)  # prime_after_idle_s None: the setting at 0
+    engine.open_session("a", Inbox())
+    await asyncio.sleep(0.1)
+    engine.prime()
+    engine.submit(_job("a", 0))
+    await _settled(engine, 1)
+    await engine.stop()
+    assert off.primes == engine.stats.primes == 0
+
+
+async def test_a_failing_prime_is_logged_and_the_engine_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    runner = FakeRunner()
+    runner.prime_error = RuntimeError("injected prime failure")
+    engine = await _engine(runner, prime_after_idle_s=0.0)
+    a = Inbox()
+    engine.open_session("a", a)
+    engine.prime()
+    await asyncio.to_thread(runner.priming.wait, 10)
+    engine.submit(_job("a", 0))
+    await a.wait_for(1)
+    await engine.stop()
+    assert isinstance(a.items[0], SegmentAudio)
+    assert runner.primes == 1 and engine.stats.primes == 0  # it raised: not counted as done
+    assert "priming failed" in caplog.text

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -436,6 +436,19 @@ class KModel(nn.Module):
         return BatchItem(ids, ref_s.reshape(-1), speed, noise, generator, max_lead_frames, max_trail_frames)
 
     @torch.inference_mode()
+    def prime(self, item: BatchItem, interrupt: Callable[[], bool] | None = None) -> bool:
+        """Run the front (everything before the generator) over `item` and drop the result; stop between its
+        parts once `interrupt()` is true. Returns whether it ran to the end. On a CPU that sat idle for a few
+        hundred milliseconds, the next request's front ran at half speed or less (a first segment's 95 ms took
+        210-280 ms after 5 s idle); a front over two words just before it brought it back to full speed
+        (docs/performance.md, "A cold start after idle")."""
+        try:
+            self._prepare([item], interrupt=interrupt)
+        except _InterruptedError:
+            return False
+        return True
+
+    @torch.inference_mode()
     def forward_batch(self, items: Sequence[BatchItem]) -> list[BatchOutput]:
         """Synthesise several utterances in one pass; each output equals the item's single run (see module doc)."""
         if not items:
@@ -507,10 +520,13 @@ class KModel(nn.Module):
                 chunks[i] = Chunk(tail, out.pred_dur, split, total[i])
         yield chunks
 
-    def _prepare(self, items: Sequence[BatchItem], min_frames: int = 1) -> _Prepared:
+    def _prepare(
+        self, items: Sequence[BatchItem], min_frames: int = 1, interrupt: Callable[[], bool] | None = None
+    ) -> _Prepared:
         """Everything before the generator: durations, F0 and energy, the decoder's features and the sine
         source, for the whole of every item; with `bucket_lengths`, tokens and frames padded to their buckets
-        (frames to at least `min_frames`: the warm-up's way of building a bucket's kernels)."""
+        (frames to at least `min_frames`: the warm-up's way of building a bucket's kernels). Raises
+        `_InterruptedError` between its parts once `interrupt()` is true (`prime`)."""
         device = self.device
         lengths_list = [int(it.input_ids.shape[0]) for it in items]
         if min(lengths_list) < 2 or max(lengths_list) > self.max_phonemes + 2:
@@ -532,7 +548,9 @@ class KModel(nn.Module):
 
         bert_dur = self.bert(ids, lengths)
         d_en = self.bert_encoder(bert_dur).transpose(-1, -2)
+        _stop_if(interrupt)
         d = self.predictor.text_encoder(d_en, s_prosody, lengths, tmask)
+        _stop_if(interrupt)
         duration = self.predictor.durations(d, speed, lengths).float()
         pred_dur = torch.round(duration).clamp(min=1).long()
         if tmask is not None:
@@ -547,8 +565,11 @@ class KModel(nn.Module):
         frame_tokens = torch.searchsorted(ends, frame_idx, right=True).clamp(max=T - 1)
         fmask = geo.mask(1, F_max)
         en = apply_mask(expand_to_frames(d.transpose(1, 2), frame_tokens), fmask)
+        _stop_if(interrupt)
         f0, n = self.predictor.f0_energy(en, s_prosody, frames if geo.padded else None, fmask, geo.mask(2, 2 * F_max))
+        _stop_if(interrupt)
         t_en = self.text_encoder(ids, lengths, tmask)
+        _stop_if(interrupt)
         asr = apply_mask(expand_to_frames(t_en, frame_tokens), fmask)
         noise = [self._draw_noise(it, int(f)) for it, f in zip(items, frames.tolist(), strict=True)]
         # Reduced precision covers the decoder only, where nearly all the compute is (frame and sample rate).
@@ -618,6 +639,15 @@ class KModel(nn.Module):
         samples = frames * SAMPLES_PER_FRAME
         draw = torch.empty(1, n, samples).transpose(1, 2).normal_(generator=gen)
         return draw[0]
+
+
+class _InterruptedError(Exception):
+    """`_prepare` stopped between its parts because its caller asked it to (`KModel.prime`)."""
+
+
+def _stop_if(interrupt: Callable[[], bool] | None) -> None:
+    if interrupt is not None and interrupt():
+        raise _InterruptedError
 
 
 def _kept_window(item: BatchItem, pred_dur: Tensor) -> tuple[int, int]:

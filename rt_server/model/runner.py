@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from rt_server.model.config import SAMPLE_RATE_HZ, tiny_config_dict
-from rt_server.model.kmodel import Chunk, KModel, resolve_device, resolve_precision
+from rt_server.model.kmodel import BatchItem, Chunk, KModel, resolve_device, resolve_precision
 from rt_server.model.voices import PACK_ROWS, STYLE_DIM, VoiceLibrary, style_row
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,8 @@ WARMUP_WINDOW_FRAMES = range(16, 129, 8)
 WARMUP_PREFIX_PHONEMES = range(6, 128, 8)
 # A sentence of typical length in Kokoro's English phonemes, for the warm-up.
 WARMUP_SENTENCE = "ðə kwˈɪk bɹˈWn fˈɑks ʤˈʌmps ˌOvəɹ ðə lˈAzi dˈɔɡ."
+# What `ModelRunner.prime` runs the model's front over: the sentence's first two words.
+PRIME_PHONEMES = "ðə kwˈɪk"
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ class ModelRunner:
         # generator window of `stream_batch` (what the rest of a split item costs once its opening is out).
         self.rtf: float | None = None
         self.rest_rtf: float | None = None
+        self._prime_item: BatchItem | None = None
 
     def opening_share(self) -> float:
         """The share of an item's audio that goes ahead in `stream_batch`: enough that the rest is synthesised
@@ -144,6 +147,16 @@ class ModelRunner:
         if audio_s > 0:
             self.rtf = _smoothed(self.rtf, (time.perf_counter() - started) / audio_s)
         return results
+
+    def prime(self, interrupt: Callable[[], bool] | None = None) -> bool:
+        """Run the model's front over two words and drop the result, stopping between its parts once
+        `interrupt()` is true (`KModel.prime`; returns whether it ran to the end): called by the engine when a
+        turn begins after the model sat idle, so that the turn's first segment finds it warm."""
+        if self._prime_item is None:
+            phonemes = "hˈɛloʊ" if self.unknown_symbols(PRIME_PHONEMES) else PRIME_PHONEMES
+            style = torch.from_numpy(style_row(self.voices.pack(self.voice_names()[0]), phonemes).copy())
+            self._prime_item = self.model.item(phonemes, style, noise=False)
+        return self.model.prime(self._prime_item, interrupt)
 
     def warmup(self) -> None:
         """A sentence-length synthesis, so the first real request does not pay for lazy initialisation

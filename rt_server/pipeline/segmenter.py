@@ -98,6 +98,11 @@ class Segmenter:
         return self._buffer
 
     @property
+    def turn_open(self) -> bool:
+        """Whether a segment of the current turn has been cut already."""
+        return self._turn_open
+
+    @property
     def pending_phonemes(self) -> int:
         return len(self._buffer)
 

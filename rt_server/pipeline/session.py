@@ -298,8 +298,11 @@ class Session:
             return
         if self._ttfa_since is None and not self._playout_len() and not self._outbox.has_audio():
             self._ttfa_since = time.monotonic()
+        turn_begins = not self._segmenter.turn_open and not self._segmenter.pending.strip()
         self._segmenter.append(text)
         self._cut(force=False)
+        if turn_begins and not self._segmenter.turn_open and self._segmenter.pending.strip():
+            self._backend.prime()  # the turn's first words, not yet a segment: the model may warm up meanwhile
         self._cancel_timer("idle")
         if self._segmenter.pending.strip():
             delay_s = self._config.idle_cut_ms / 1000.0
