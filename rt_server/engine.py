@@ -144,7 +144,7 @@ class EngineStats:
     batches: int = 0
     running: int = 0  # segments in the batch running now
     seconds_per_cost: float | None = None  # the scheduler's estimate of a step's cost (`protect_playing`)
-    primes: int = 0  # times the model was primed for a turn after an idle spell (`prime_after_idle_s`)
+    primes: int = 0  # primes run for a turn after an idle spell, cut short or not (`prime_after_idle_s`)
 
 
 class EngineOverloadedError(RuntimeError):
@@ -227,9 +227,10 @@ class _Inbox:
         _fail_calls(commands, reason)
 
     def waiting(self) -> bool:
-        """Whether a command is waiting (a prime gives way to it)."""
+        """Whether a segment or a call is waiting, or the engine is stopping: what a prime gives way to (other
+        sessions' opens, closes and primes do not cut it short)."""
         with self._cond:
-            return bool(self._commands) or self.stopping
+            return self.stopping or any(isinstance(c, SegmentJob | _Call) for c in self._commands)
 
     def take(self, timeout_s: float | None) -> tuple[list[_Command], dict[str, float]]:
         """Everything waiting; blocks up to `timeout_s` (None: until something arrives) when nothing is."""
@@ -258,8 +259,8 @@ class ModelEngine:
         on_batch: Callable[[BatchReport], None] | None = None,
         prime_after_idle_s: float | None = None,
     ) -> None:
-        """`prime_after_idle_s`: a `prime` that finds the model idle at least this long runs `runner.prime()`
-        before anything else (None: never)."""
+        """`prime_after_idle_s`: a `prime` that finds the model idle at least this long, with no segment
+        queued, runs `runner.prime()`, which gives way to a segment that arrives meanwhile (None: never)."""
         self.name = name
         self._load = load
         self._scheduler_config = scheduler_config
@@ -367,7 +368,8 @@ class ModelEngine:
         a CPU left idle for a few hundred milliseconds the next segment's front ran at half speed (its caches
         cold), and this spends that cost before the segment arrives instead of after (docs/performance.md)."""
         if self._prime_after_idle_s is not None:
-            self._inbox.put(_Prime())
+            with contextlib.suppress(EngineOverloadedError):  # only a warm-up: dropped when the queue is full
+                self._inbox.put(_Prime())
 
     def report_consumed(self, session_id: str, consumed_ms: float) -> None:
         self._inbox.report(session_id, consumed_ms)
@@ -459,7 +461,7 @@ class ModelEngine:
                 busy_until = time.monotonic()
                 timeout_s = 0.0
             elif primed and not scheduler.queue_depth and self._idle_enough(now - busy_until):
-                if self._prime(loaded.runner):  # nothing to run: segments that arrive meanwhile wait for it
+                if self._prime(loaded.runner):  # nothing to run: it stops between parts for a segment
                     primes += 1
                 busy_until = time.monotonic()
                 timeout_s = 0.0  # plan again at once

@@ -393,7 +393,46 @@ async def test_a_prime_after_an_idle_spell_runs_once_and_segments_arriving_meanw
     await _settled(engine, 2)
     await engine.stop()
     assert runner.primes == engine.stats.primes == 1
+    assert runner.interrupted == [True]  # the segment that arrived during it was what it gave way to
     assert [o.seq for o in a.items] == [0, 1] and all(isinstance(o, SegmentAudio) for o in a.items)
+
+
+async def test_a_prime_gives_way_to_segments_and_stopping_not_to_other_sessions() -> None:
+    runner = FakeRunner()
+    engine = await _engine(runner, prime_after_idle_s=0.0)
+    engine.open_session("a", Inbox())
+    runner.prime_gate.clear()
+    engine.prime()
+    await asyncio.to_thread(runner.priming.wait, 10)
+    engine.open_session("b", Inbox())  # another session connects, and its turn begins
+    engine.prime()
+    runner.prime_gate.set()
+    await _stats_until(engine, lambda stats: stats.primes >= 1)
+    assert runner.interrupted[0] is False
+
+    runner.priming.clear()
+    runner.prime_gate.clear()
+    await asyncio.sleep(0.05)
+    engine.prime()
+    await asyncio.to_thread(runner.priming.wait, 10)
+    stopping = asyncio.create_task(engine.stop())  # stopped in the middle of a prime: it gives way
+    await asyncio.sleep(0.05)
+    runner.prime_gate.set()
+    await stopping
+    assert runner.interrupted[-1] is True
+
+
+async def test_no_prime_while_a_segment_waits_to_be_batched() -> None:
+    runner = FakeRunner()
+    engine = await _engine(runner, prime_after_idle_s=0.0, max_batch_size=2, max_wait_ms=300.0)
+    a = Inbox()
+    engine.open_session("a", a)
+    engine.submit(_job("a", 0))  # not urgent: the step waits up to 300 ms for more work
+    engine.prime()  # planned with the segment queued
+    await a.wait_for(1)
+    await _settled(engine, 1)
+    await engine.stop()
+    assert runner.primes == engine.stats.primes == 0
 
 
 async def test_no_prime_while_segments_wait_or_when_priming_is_off() -> None:

@@ -578,6 +578,7 @@ class KModel(nn.Module):
         with self._reduced():
             styles = self.decoder.style_affines(s_acoustic)
             x = self.decoder.features(asr, f0.float(), n.float(), styles, geo)
+            _stop_if(interrupt)
             har = self.decoder.generator.harmonic_source(f0.float(), geo, noise).to(x.dtype)
         pred_dur = pred_dur.cpu()
         return _Prepared(x, har, styles, geo, [pred_dur[i, :n_tok] for i, n_tok in enumerate(lengths_list)])

@@ -151,7 +151,10 @@ class ModelRunner:
     def prime(self, interrupt: Callable[[], bool] | None = None) -> bool:
         """Run the model's front over two words and drop the result, stopping between its parts once
         `interrupt()` is true (`KModel.prime`; returns whether it ran to the end): called by the engine when a
-        turn begins after the model sat idle, so that the turn's first segment finds it warm."""
+        turn begins after the model sat idle, so that the turn's first segment finds it warm. Only on a CPU,
+        where the idle slow-down was measured (docs/performance.md); elsewhere it does nothing."""
+        if self.device_type != "cpu":
+            return True
         if self._prime_item is None:
             phonemes = "hˈɛloʊ" if self.unknown_symbols(PRIME_PHONEMES) else PRIME_PHONEMES
             style = torch.from_numpy(style_row(self.voices.pack(self.voice_names()[0]), phonemes).copy())

@@ -301,12 +301,12 @@ class Session:
         turn_begins = not self._segmenter.turn_open and not self._segmenter.pending.strip()
         self._segmenter.append(text)
         self._cut(force=False)
-        if turn_begins and not self._segmenter.turn_open and self._segmenter.pending.strip():
-            self._backend.prime()  # the turn's first words, not yet a segment: the model may warm up meanwhile
         self._cancel_timer("idle")
         if self._segmenter.pending.strip():
             delay_s = self._config.idle_cut_ms / 1000.0
             self._timers["idle"] = asyncio.get_running_loop().call_later(delay_s, self._on_idle)
+        if turn_begins and not self._segmenter.turn_open and self._segmenter.pending.strip():
+            self._backend.prime()  # the turn's first words, not yet a segment: the model may warm up meanwhile
 
     def _playout_len(self) -> int:
         return 0 if self._playout is None else len(self._playout)
