@@ -477,7 +477,7 @@ class ModelEngine:
     def _prime(self, runner: ModelRunnerLike) -> bool:
         started = time.perf_counter()
         try:
-            finished = runner.prime(self._inbox.waiting)  # gives way to a segment (any command) between its parts
+            finished = runner.prime(self._inbox.waiting)  # gives way to a segment, a call or shutdown
         except Exception:  # only a warm-up: the segment itself will say whether the model works
             log.warning("model %s: priming failed", self.name, exc_info=True)
             return False
