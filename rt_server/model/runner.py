@@ -114,7 +114,7 @@ class ModelRunner:
         `opening_share` of the audio (None: `self.opening_share()`)."""
         items = []
         for req in requests:
-            style = torch.from_numpy(style_row(self.voices.pack(req.voice), req.phonemes).copy())
+            style = self._style(req.voice, req.phonemes)
             generator = None if req.seed is None else torch.Generator().manual_seed(req.seed)
             items.append(
                 self.model.item(
@@ -148,6 +148,14 @@ class ModelRunner:
             self.rtf = _smoothed(self.rtf, (time.perf_counter() - started) / audio_s)
         return results
 
+    def _style(self, voice: str, phonemes: str) -> torch.Tensor:
+        """The voice's style row for an utterance of these phonemes."""
+        return torch.from_numpy(style_row(self.voices.pack(voice), phonemes).copy())
+
+    def _own_phrase(self, phonemes: str) -> str:
+        """`phonemes` for the warm-up and priming, or a short word for a model whose vocabulary lacks them."""
+        return "hˈɛloʊ" if self.unknown_symbols(phonemes) else phonemes
+
     def prime(self, interrupt: Callable[[], bool] | None = None) -> bool:
         """Run the model's front over two words and drop the result, stopping between its parts once
         `interrupt()` is true (`KModel.prime`; returns whether it ran to the end): called by the engine when a
@@ -156,21 +164,20 @@ class ModelRunner:
         if self.device_type != "cpu":
             return True
         if self._prime_item is None:
-            phonemes = "hˈɛloʊ" if self.unknown_symbols(PRIME_PHONEMES) else PRIME_PHONEMES
-            style = torch.from_numpy(style_row(self.voices.pack(self.voice_names()[0]), phonemes).copy())
-            self._prime_item = self.model.item(phonemes, style, noise=False)
+            phonemes = self._own_phrase(PRIME_PHONEMES)
+            self._prime_item = self.model.item(phonemes, self._style(self.voice_names()[0], phonemes), noise=False)
         return self.model.prime(self._prime_item, interrupt)
 
     def warmup(self) -> None:
         """A sentence-length synthesis, so the first real request does not pay for lazy initialisation
         (measured: after a one-word warm-up the first sentence took 530 ms instead of 390). A short word for a
         model whose vocabulary lacks the sentence's symbols."""
-        phonemes = "hˈɛloʊ" if self.unknown_symbols(WARMUP_SENTENCE) else WARMUP_SENTENCE
+        phonemes = self._own_phrase(WARMUP_SENTENCE)
         self.synthesize([SynthesisRequest(phonemes, self.voice_names()[0])])
         if self.model.bucket_lengths:
             # The kernels for the lengths that short segments and a turn's first windows are padded to: the
             # sentence's prefixes, one per token bucket, and the frame buckets up to WARMUP_WINDOW_FRAMES.
-            style = torch.from_numpy(style_row(self.voices.pack(self.voice_names()[0]), phonemes).copy())
+            style = self._style(self.voice_names()[0], phonemes)
             prefixes = [phonemes[:n] for n in WARMUP_PREFIX_PHONEMES if n < len(phonemes)]
             items = [self.model.item(p, style, noise=False) for p in [*prefixes, phonemes]]
             self.model.warm_lengths(items, WARMUP_WINDOW_FRAMES)
