@@ -243,6 +243,7 @@ def _gauges(state: ServerState) -> Gauges:
         event_loop_tasks=len(asyncio.all_tasks()),
         queue_depth={name: e.stats.queue_depth for name, e in state.engines.items()},
         engine_sessions={name: e.stats.sessions for name, e in state.engines.items()},
+        primes={name: e.stats.primes for name, e in state.engines.items()},
         models_ready={name: e.ready for name, e in state.engines.items()},
         resident_memory_bytes=resident_memory_bytes(),
     )

@@ -58,6 +58,7 @@ class Gauges:
     queue_depth: dict[str, int]  # per model
     engine_sessions: dict[str, int]
     models_ready: dict[str, bool]
+    primes: dict[str, int]  # per model, since it started (`ModelEngine.prime`)
     resident_memory_bytes: int | None = None
 
 
@@ -159,6 +160,9 @@ class Metrics:
         )
         for model, n in sorted(self.protected.items()):
             out.append(f'rt_protected_segments_total{{model="{model}"}} {n}')
+        header("rt_primes_total", "counter", "Fronts run to warm an idle model as a turn began, cut short or not.")
+        for model, n in sorted(gauges.primes.items()):
+            out.append(f'rt_primes_total{{model="{model}"}} {n}')
         if gauges.resident_memory_bytes is not None:
             header("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.")
             out.append(f"process_resident_memory_bytes {gauges.resident_memory_bytes}")

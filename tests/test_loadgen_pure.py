@@ -173,7 +173,7 @@ def test_scripts_keep_the_words() -> None:
 
 # -- /metrics ---------------------------------------------------------------------------------------------------
 
-_GAUGES = Gauges(0, False, 0.0, 0.0, 1, {"m": 0}, {"m": 0}, {"m": True})
+_GAUGES = Gauges(0, False, 0.0, 0.0, 1, {"m": 0}, {"m": 0}, {"m": True}, {"m": 3})
 
 
 def test_batch_sizes_between_two_scrapes_of_the_real_renderer() -> None:
@@ -192,6 +192,7 @@ def test_batch_sizes_between_two_scrapes_of_the_real_renderer() -> None:
     assert sizes.counts == {"1": 1, "2": 1, "4": 2, "8": 1, "16": 0, "32": 0, "+Inf": 0}
     assert prometheus.delta(before, after, "rt_compute_seconds_total") == pytest.approx(1.3)
     assert after[("rt_protected_segments_total", (("model", "m"),))] == 2
+    assert after[("rt_primes_total", (("model", "m"),))] == 3
     assert prometheus.parse('# comment\nbad line\nx{a="1"} nan-ish\ny 2\n') == {("y", ()): 2.0}
 
 

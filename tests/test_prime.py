@@ -65,6 +65,8 @@ async def test_a_turn_that_begins_while_the_model_idles_primes_it_once() -> None
             await ws.send(json.dumps({"type": "close"}))
             got = await receive_until_closed(ws)
         assert got.close_code == 1000
+        _, metrics = await asyncio.to_thread(server.get, "/metrics")
+        assert 'rt_primes_total{model="tiny"} 2' in metrics.splitlines()
     finally:
         await asyncio.to_thread(server.stop)
 
