@@ -308,3 +308,32 @@ def test_an_opening_sent_ahead_starts_the_listeners_clock() -> None:
     assert sched.deadline("a", _job("a", 1)) == pytest.approx(1.2)  # 0.2 s + 1 s of audio, not 1.5 s
     sched.complete(_job("a", 1), audio_ms=500, now=0.9)
     assert sched.deadline("a", _job("a", 2)) == pytest.approx(1.7)
+
+
+def test_a_turn_resumed_after_its_listener_ran_dry_starts_a_new_clock() -> None:
+    # a heard 1 s of audio from t=1 and had nothing more until t=30 (a client that paused without `flush`):
+    # its listener has been waiting since 30, not since 2, so its segment neither counts as protected nor
+    # keeps a deadline 28 s in the past (which would put it before every playing session for 28 s of audio)
+    sched = _scheduler(max_batch_size=1)
+    for name in "acd":
+        sched.open_session(name)
+    sched.submit(_job("a", 0, first=True))
+    sched.plan(0.0)
+    sched.complete(_job("a", 0, first=True), audio_ms=1000, now=1.0)
+    sched.observe_step([_job("x", 0, 98)], compute_s=1.0)
+    sched.submit(_job("c", 0, 20, first=True, at=29.0))
+    sched.plan(29.0)
+    sched.complete(_job("c", 0, 20, first=True), audio_ms=2000, now=29.0)  # c runs out at 31.0
+    resumed = _job("a", 1, 20, at=30.0)
+    sched.submit(resumed)
+    sched.submit(_job("c", 1, 20, at=30.1))
+    sched.submit(_job("d", 0, 20, first=True, at=30.2))
+    assert sched.deadline("a", resumed) == 30.0
+    new_turn = sched.plan(30.3)
+    assert (_batch(new_turn), new_turn.protected) == ([("d", 0)], 0)  # a is not a playing session
+    assert _batch(sched.plan(30.5)) == [("a", 1)]  # waiting since 30.0, before c runs out at 31.0
+    sched.complete(resumed, audio_ms=3000, now=30.6)  # its listener's clock starts again here
+    following = _job("a", 2, 20, at=30.7)
+    sched.submit(following)
+    assert sched.deadline("a", following) == pytest.approx(33.6)
+    assert _batch(sched.plan(30.8)) == [("c", 1)]  # c runs out at 31.0, a at 33.6

@@ -168,7 +168,9 @@ class Scheduler:
         if state is None:
             return
         state.produced_ms += audio_ms
-        if job.first_in_turn or state.turn_anchor_s is None:
+        if job.first_in_turn or state.turn_anchor_s is None or _ran_dry_before(state, job):
+            # A new turn, or one its listener had run out of before this segment even came (a client that
+            # paused without `flush`): the listener's clock starts again with this audio.
             state.turn_anchor_s = now if playing_since is None else playing_since
             state.turn_audio_ms = audio_ms
         else:
@@ -219,8 +221,8 @@ class Scheduler:
     def deadline(self, session_id: str, job: SegmentJob) -> float:
         """When the session's listener runs out of audio, as far as the scheduler knows."""
         state = self._sessions[session_id]
-        if job.first_in_turn or state.turn_anchor_s is None:
-            return job.submitted_at
+        if job.first_in_turn or state.turn_anchor_s is None or _ran_dry_before(state, job):
+            return job.submitted_at  # the listener has been waiting since it came, as for a new turn
         return state.turn_anchor_s + state.turn_audio_ms / 1000.0
 
     # -- planning --------------------------------------------------------------------------------------
@@ -290,7 +292,14 @@ class Scheduler:
         state = self._sessions[job.session_id]
         if not self.config.protect_playing or rate is None or state.turn_anchor_s is None:
             return False
+        if _ran_dry_before(state, job):
+            return False  # its listener hears nothing now: not a playing session
         return deadline - now < rate * (_cost(job) + _cost(first)) + PROTECT_MARGIN_S
+
+
+def _ran_dry_before(state: _SessionState, job: SegmentJob) -> bool:
+    """Whether the session's listener had played all of its turn's audio before `job` was submitted."""
+    return state.turn_anchor_s is not None and state.turn_anchor_s + state.turn_audio_ms / 1000.0 < job.submitted_at
 
 
 def _cost(job: SegmentJob) -> float:
