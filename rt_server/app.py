@@ -241,7 +241,7 @@ def _gauges(state: ServerState) -> Gauges:
         buffer_ms_total=sum(buffers),
         buffer_ms_max=max(buffers, default=0.0),
         event_loop_tasks=len(asyncio.all_tasks()),
-        queue_depth={name: e.stats.queue_depth for name, e in state.engines.items()},
+        queue_depth={name: e.queued_segments for name, e in state.engines.items()},
         engine_sessions={name: e.stats.sessions for name, e in state.engines.items()},
         primes={name: e.stats.primes for name, e in state.engines.items()},
         models_ready={name: e.ready for name, e in state.engines.items()},

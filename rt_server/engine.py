@@ -185,12 +185,18 @@ _Command = _Open | _Close | _Abort | _Prime | SegmentJob | _Call
 
 
 class _Inbox:
-    """Commands for the engine thread; consumed reports are coalesced per session (latest wins)."""
+    """Commands for the engine thread; consumed reports are coalesced per session (latest wins), as are a
+    session's aborts with nothing queued between them and primes (one waiting is enough).
+
+    Bound: MAX_QUEUED_COMMANDS for segments, calls, opens and primes; closes and aborts are always taken (a
+    session's cleanup must not fail), and are bounded by the sessions and by the segments between aborts."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._commands: deque[_Command] = deque()  # bound: MAX_QUEUED_COMMANDS
+        self._commands: deque[_Command] = deque()
         self._consumed: dict[str, float] = {}  # bound: one entry per open session
+        self._aborted: set[str] = set()  # sessions whose last queued command is an abort
+        self._prime_queued = False
         self.stopping = False
         self.closed: str | None = None  # why the thread is gone, once it is
 
@@ -200,8 +206,18 @@ class _Inbox:
                 if isinstance(command, _Call):
                     raise EngineStoppedError(self.closed)
                 return  # the sessions it concerns are failed, or are about to be
-            if len(self._commands) >= MAX_QUEUED_COMMANDS:
+            if isinstance(command, _Abort):
+                if command.session_id in self._aborted:
+                    return  # nothing queued for it since its last abort
+                self._aborted.add(command.session_id)
+            elif isinstance(command, _Prime):
+                if self._prime_queued:
+                    return
+                self._prime_queued = True
+            elif not isinstance(command, _Close) and len(self._commands) >= MAX_QUEUED_COMMANDS:
                 raise EngineOverloadedError("engine command queue is full")
+            if isinstance(command, SegmentJob | _Open | _Close):
+                self._aborted.discard(command.session_id)
             self._commands.append(command)
             self._cond.notify()
 
@@ -226,6 +242,11 @@ class _Inbox:
             self._commands.clear()
         _fail_calls(commands, reason)
 
+    def queued_segments(self) -> int:
+        """Segments submitted and not yet taken by the engine thread."""
+        with self._cond:
+            return sum(isinstance(c, SegmentJob) for c in self._commands)
+
     def waiting(self) -> bool:
         """Whether a segment or a call is waiting, or the engine is stopping: what a prime gives way to (other
         sessions' opens, closes and primes do not cut it short)."""
@@ -240,6 +261,8 @@ class _Inbox:
             commands, consumed = list(self._commands), self._consumed
             self._commands.clear()
             self._consumed = {}
+            self._aborted.clear()
+            self._prime_queued = False
             return commands, consumed
 
 
@@ -378,12 +401,21 @@ class ModelEngine:
     def open_sessions(self) -> int:
         return len(self._deliver)
 
+    @property
+    def queued_segments(self) -> int:
+        """Segments waiting for the model: in the scheduler's queues and on their way to them."""
+        return self.stats.queue_depth + self._inbox.queued_segments()
+
     def _dispatch(self, outcomes: list[SegmentOutcome], report: BatchReport | None) -> None:
-        """On the event loop: hand each outcome to its session, if it is still open."""
+        """On the event loop: hand each outcome to its session, if it is still open. One session's failure to
+        take its outcome costs the others nothing."""
         for outcome in outcomes:
             deliver = self._deliver.get(outcome.session_id)
             if deliver is not None:
-                deliver(outcome)
+                try:
+                    deliver(outcome)
+                except Exception:
+                    log.exception("session %s: its outcome could not be delivered", outcome.session_id)
         if report is not None and self._on_batch is not None:
             self._on_batch(report)
 
@@ -434,6 +466,7 @@ class ModelEngine:
         rng = np.random.default_rng()  # seeds for the sine-source noise when `noise` is on
         timeout_s: float | None = None
         batches = primes = 0
+        on_cpu = loaded.runner.device_type == "cpu"  # where the idle slow-down that priming answers was measured
         busy_until = time.monotonic()  # when the model last stopped working
 
         def publish(running: int) -> None:
@@ -460,7 +493,7 @@ class ModelEngine:
                 batches += 1
                 busy_until = time.monotonic()
                 timeout_s = 0.0
-            elif primed and not scheduler.queue_depth and self._idle_enough(now - busy_until):
+            elif primed and on_cpu and not scheduler.queue_depth and self._idle_enough(now - busy_until):
                 if self._prime(loaded.runner):  # nothing to run: it stops between parts for a segment
                     primes += 1
                 busy_until = time.monotonic()

@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from rt_server.engine import EngineStats, LoadedModel, ModelEngine
+from rt_server import engine as engine_module
+from rt_server.engine import EngineOverloadedError, EngineStats, LoadedModel, ModelEngine
 from rt_server.pipeline.jobs import SegmentAudio, SegmentFailed, SegmentJob, SegmentOutcome
 from rt_server.pipeline.scheduler import SchedulerConfig
 
@@ -214,6 +215,64 @@ async def test_abort_between_steps_drops_queued_work() -> None:
     await asyncio.sleep(0.1)
     await engine.stop()
     assert [o.seq for o in a.items] == [0, 10]
+
+
+async def test_repeated_aborts_and_primes_take_one_place_in_the_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A client that sends `clear` as fast as it can while the model is busy must not fill the engine's
+    # queue and so fail every other session: aborts with nothing queued between them coalesce, as do
+    # primes; closes are always taken, so a session's cleanup never fails.
+    monkeypatch.setattr(engine_module, "MAX_QUEUED_COMMANDS", 8)
+    runner = FakeRunner()
+    engine = await _engine(runner, max_batch_size=1, prime_after_idle_s=0.0)
+    a, b = Inbox(), Inbox()
+    engine.open_session("a", a)
+    engine.open_session("b", b)
+    runner.gate.clear()
+    engine.submit(_job("a", 0))
+    await _stats_until(engine, lambda stats: stats.running > 0)
+    for _ in range(1000):
+        engine.abort("a")
+        engine.prime()
+    engine.submit(_job("a", 1))
+    engine.abort("a")  # a segment came after the last abort: this one is queued, and drops it
+    engine.submit(_job("b", 0))
+    engine.submit(_job("a", 2))
+    assert engine.queued_segments == 3  # on their way to the scheduler, counted already
+    for seq in range(3, 5):  # 8 commands queued: one abort, one prime, an abort after a segment, 5 segments
+        engine.submit(_job("b", seq))
+    with pytest.raises(EngineOverloadedError):
+        engine.submit(_job("b", 9))
+    engine.close_session("b")  # the queue is full, and the close is still taken
+    runner.gate.set()
+    await a.wait_for(2)
+    await _settled(engine, 2)
+    await engine.stop()
+    assert [o.seq for o in a.items] == [0, 2]
+    assert b.items == []
+    assert engine.stats.sessions == 1
+
+
+async def test_a_session_that_fails_to_take_its_outcome_costs_the_others_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    runner = FakeRunner()
+    engine = await _engine(runner, max_batch_size=2)
+
+    def broken(outcome: SegmentOutcome) -> None:
+        raise RuntimeError("the session's bookkeeping broke")
+
+    b = Inbox()
+    engine.open_session("a", broken)
+    engine.open_session("b", b)
+    runner.gate.clear()
+    engine.submit(_job("a", 0))
+    engine.submit(_job("b", 0))
+    runner.gate.set()
+    await b.wait_for(1)
+    await engine.stop()
+    assert [len(batch) for batch in runner.batches] == [2]
+    assert isinstance(b.items[0], SegmentAudio)
+    assert "session a: its outcome could not be delivered" in caplog.text
 
 
 async def test_closed_sessions_get_nothing_and_are_forgotten() -> None:
@@ -462,6 +521,17 @@ async def test_no_prime_while_segments_wait_or_when_priming_is_off() -> None:
     await _settled(engine, 1)
     await engine.stop()
     assert off.primes == engine.stats.primes == 0
+
+    gpu = FakeRunner()
+    gpu.device_type = "cuda"  # the idle slow-down priming answers was measured on a CPU only
+    engine = await _engine(gpu, prime_after_idle_s=0.0)
+    engine.open_session("a", Inbox())
+    await asyncio.sleep(0.1)
+    engine.prime()
+    engine.submit(_job("a", 0))
+    await _settled(engine, 1)
+    await engine.stop()
+    assert gpu.primes == engine.stats.primes == 0
 
 
 async def test_a_failing_prime_is_logged_and_the_engine_goes_on(caplog: pytest.LogCaptureFixture) -> None:
