@@ -58,6 +58,7 @@ def test_blend_weights_are_normalised(voice_dir: Path) -> None:
         ("a:nan", "must be a positive number"),
         ("a:x", "invalid weight"),
         ("a:1,a:2", "names a voice twice"),
+        ("a:1e308,b:1e308", "not a finite number"),
     ],
 )
 def test_bad_specs_are_rejected(spec: str, message: str) -> None:

@@ -95,6 +95,8 @@ def parse_blend(spec: str) -> list[tuple[str, float]]:
     if len({n for n, _ in out}) != len(out):
         raise VoiceError(f"voice spec {spec!r} names a voice twice")
     total = sum(w for _, w in out)
+    if not np.isfinite(total):
+        raise VoiceError(f"voice spec {spec!r}: the weights' sum is not a finite number")
     return [(n, w / total) for n, w in out]
 
 
