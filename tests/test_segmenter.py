@@ -236,3 +236,15 @@ def test_pause_caps_follow_the_join_flags() -> None:
     alone = Segment("kl.", first_in_turn=False)
     assert [s.pause_caps(2) for s in (first, middle, last, alone)] == [(2, 2), (2, 2), (2, None), (None, None)]
     assert first.pause_caps(None) == (None, None)  # trimming off
+
+
+def test_count_cuts_foretells_the_next_cut_and_changes_nothing() -> None:
+    seg = _segmenter()
+    seg.append("hɛlˈoʊ wˈɜːld ")
+    assert [s.text for s in seg.cut()] == ["hɛlˈoʊ wˈɜːld"]  # the turn is open now: later cuts follow the rest
+    for text in ["ə. ə. ə", " bˈʌt, ", "ðɪs ɪz ɐ lˈɔŋ wˈʌn. ænd", "", "   "]:
+        before = (seg.pending, seg.turn_open)
+        predicted = seg.count_cuts(text)
+        assert (seg.pending, seg.turn_open) == before
+        seg.append(text)
+        assert len(seg.cut()) == predicted

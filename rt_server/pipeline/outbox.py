@@ -35,13 +35,15 @@ OutItem = AudioFrame | TextEvent | CloseFrame
 class Outbox:
     """Bounds: `control` holds at most `max_control_events` items (the caller treats a full one as a client
     that stopped reading); the audio in `ordered` is kept at or below the session's `max_buffer_ms` plus one
-    frame by the session's pump, and its events number at most one per pending ticket.
+    frame by the session's pump; the events in both (`unsent_events`) are kept near `max_control_events` by
+    the session, which stops reading input while that many wait for the client.
     """
 
     def __init__(self, max_control_events: int) -> None:
         self.max_control_events = max_control_events
         self._control: deque[TextEvent | CloseFrame] = deque()
         self._ordered: deque[OutItem] = deque()
+        self._ordered_events = 0  # items in `_ordered` that are not audio
         self.audio_ms = 0.0  # audio queued in `ordered`
 
     def push_control(self, item: TextEvent | CloseFrame) -> bool:
@@ -55,6 +57,8 @@ class Outbox:
         self._ordered.append(item)
         if isinstance(item, AudioFrame):
             self.audio_ms += item.duration_ms
+        else:
+            self._ordered_events += 1
 
     def peek(self) -> OutItem | None:
         if self._control:
@@ -67,7 +71,14 @@ class Outbox:
         item = self._ordered.popleft()
         if isinstance(item, AudioFrame):
             self.audio_ms = max(0.0, self.audio_ms - item.duration_ms)
+        else:
+            self._ordered_events -= 1
         return item
+
+    @property
+    def unsent_events(self) -> int:
+        """Events and close frames waiting for the client, control and ordered."""
+        return len(self._control) + self._ordered_events
 
     def has_audio(self) -> bool:
         return self.audio_ms > 0.0
@@ -75,6 +86,7 @@ class Outbox:
     def clear_ordered(self) -> None:
         """Drop the ordered stream (on `clear` or a fatal error)."""
         self._ordered.clear()
+        self._ordered_events = 0
         self.audio_ms = 0.0
 
     def clear_control(self) -> None:

@@ -96,12 +96,12 @@ class Playout:
     def on_sent(self, frame: AudioFrame) -> None:
         self.sent_samples += frame.num_samples
 
-    def drop(self) -> None:
+    def drop(self, in_flight_samples: int = 0) -> None:
         """Forget pending tickets and unsent audio (on `clear` or a fatal error); the timeline resumes at what
-        was actually sent."""
+        was sent, the frame being sent now (`in_flight_samples`) included: it still reaches the client."""
         self.tickets.clear()
         self.outbox.clear_ordered()
-        self.audio.reset(self.sent_samples)
+        self.audio.reset(self.sent_samples + in_flight_samples)
 
     def unsent_ms(self) -> float:
         """Audio received and not yet sent: framed in the outbox, in the framer, or waiting in tickets."""

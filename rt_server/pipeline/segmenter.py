@@ -10,6 +10,7 @@ give back everything appended.
 
 from __future__ import annotations
 
+import copy
 import enum
 import re
 from dataclasses import dataclass
@@ -114,6 +115,12 @@ class Segmenter:
 
     def append(self, text: str) -> None:
         self._buffer += text
+
+    def count_cuts(self, text: str) -> int:
+        """How many segments `append(text)` and then `cut()` would hand out, leaving this segmenter as it is."""
+        probe = copy.copy(self)
+        probe.append(text)
+        return len(probe.cut())
 
     def cut(self, *, force: bool = False) -> list[Segment]:
         """Segments ready now. With `force`, everything pending is cut (blank text is dropped)."""

@@ -86,6 +86,8 @@ class Session:
         self.ended = asyncio.Event()
         self._wake = asyncio.Event()
         self._outbox = Outbox(config.max_control_events)
+        self._room = asyncio.Event()  # set when the writer takes an item, or the session stops taking input
+        self._writer: Writer | None = None
         self._backend: SynthesisBackend | None = None
         self._start: Start | None = None
         self._voice = ""
@@ -129,6 +131,7 @@ class Session:
             self.state = State.ENDED
             self._end_reason = reason
             self.ended.set()
+            self._room.set()
 
     async def _close_internal_error(self) -> None:
         """Best effort: an `internal` error event and close 1011 with no reason text."""
@@ -162,17 +165,21 @@ class Session:
         self._outbox.push_control(TextEvent(encode_event(ErrorEvent(code, message))))
         self._outbox.push_control(CloseFrame(close_code, close_reason_for(code)))
         self._wake.set()
+        self._room.set()
 
     # -- reading -----------------------------------------------------------------------------------------
 
     async def _read_loop(self) -> None:
         while True:
+            await self._room_for_input()
             raw = await self._transport.receive()
             if raw is None:
                 self._end("disconnected")
                 return
             if self.state is not State.AWAITING_START and self.state is not State.STREAMING:
                 continue  # closing: input is ignored until the writer has closed
+            if self.state is State.STREAMING:
+                self._arm_inactivity_timer()  # any message counts, a rejected one too
             size = len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8", "surrogatepass"))
             if size > self._config.max_message_bytes:
                 self.fail(ErrorCode.MESSAGE_TOO_LARGE, f"messages are limited to {self._config.max_message_bytes} B")
@@ -189,8 +196,17 @@ class Session:
                 self._cancel_timer("start")  # it came in time, however long the voice check takes
                 await self._on_start(message)
             else:
-                self._arm_inactivity_timer()
                 self._on_message(message)
+
+    async def _room_for_input(self) -> None:
+        """Read no further while half of `max_control_events` events wait for the client: each message adds
+        at most a few, so a burst of messages pauses here until the writer catches up (the socket's buffers
+        push back on the client), instead of overflowing the control queue; a client that stops reading
+        altogether is then found by the writer's stall timeout."""
+        limit = max(1, self._config.max_control_events // 2)
+        while self._outbox.unsent_events >= limit and self.state in (State.AWAITING_START, State.STREAMING):
+            self._room.clear()
+            await self._room.wait()
 
     def _reject(self, exc: ProtocolError) -> None:
         if close_code_for(exc.code) is not None:
@@ -292,9 +308,13 @@ class Session:
             self._reject(ProtocolError(ErrorCode.WORD_TOO_LONG, f"a word (no whitespace) over {limit} phonemes"))
             return
         pending = self._segmenter.pending_phonemes + self._pending_in_playout()
-        if pending + len(text) > self._config.max_pending_phonemes or self._tickets_full():
+        if pending + len(text) > self._config.max_pending_phonemes:
             limit = self._config.max_pending_phonemes
             self._reject(ProtocolError(ErrorCode.INPUT_OVERFLOW, f"over {limit} phonemes would be pending"))
+            return
+        if self._playout_len() + self._segmenter.count_cuts(text) > self._config.max_pending_tickets:
+            limit = self._config.max_pending_tickets
+            self._reject(ProtocolError(ErrorCode.INPUT_OVERFLOW, f"over {limit} segments and flushes would be pending"))
             return
         if self._ttfa_since is None and not self._playout_len() and not self._outbox.has_audio():
             self._ttfa_since = time.monotonic()
@@ -398,7 +418,8 @@ class Session:
     def _drop_pending(self) -> None:
         """Forget input, queued work and unsent audio; later outcomes of earlier segments are discarded."""
         if self._playout is not None:
-            self._playout.drop()
+            in_flight = None if self._writer is None else self._writer.in_flight
+            self._playout.drop(in_flight.num_samples if isinstance(in_flight, AudioFrame) else 0)
         else:
             self._outbox.clear_ordered()
         self._first_live_seq = self._next_seq
@@ -454,13 +475,14 @@ class Session:
     # -- writing -----------------------------------------------------------------------------------------
 
     async def _write_loop(self) -> None:
-        writer = Writer(
+        writer = self._writer = Writer(
             self._transport,
             self._outbox,
             self._wake,
             stall_timeout_s=self._config.stall_timeout_s,
             pacer=lambda: self._pacer,
             on_audio_sent=self._after_audio_sent,
+            on_taken=self._room.set,
         )
         exit_reason = await writer.run()
         if exit_reason is WriterExit.STALLED:

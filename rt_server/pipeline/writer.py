@@ -35,6 +35,7 @@ class Writer:
         stall_timeout_s: float,
         pacer: Callable[[], Pacer],
         on_audio_sent: Callable[[AudioFrame, float], None],
+        on_taken: Callable[[], None] | None = None,
     ) -> None:
         self._transport = transport
         self._outbox = outbox
@@ -42,6 +43,8 @@ class Writer:
         self._stall_timeout_s = stall_timeout_s
         self._pacer = pacer  # read on each frame: the session sets its pacer at `start`
         self._on_audio_sent = on_audio_sent
+        self._on_taken = on_taken  # after an item leaves the outbox for the socket
+        self.in_flight: OutItem | None = None  # taken from the outbox, its send not finished
 
     async def run(self) -> WriterExit:
         while True:
@@ -58,6 +61,9 @@ class Writer:
                             await self._wake.wait()  # a control item or a `clear` may come first
                     continue
             self._outbox.pop()
+            self.in_flight = item
+            if self._on_taken is not None:
+                self._on_taken()
             try:
                 async with asyncio.timeout(self._stall_timeout_s):
                     await self._send(item)
@@ -65,6 +71,8 @@ class Writer:
                 return WriterExit.STALLED
             except TransportClosedError:
                 return WriterExit.DISCONNECTED
+            finally:
+                self.in_flight = None
             if isinstance(item, CloseFrame):
                 return WriterExit.CLOSED
             if isinstance(item, AudioFrame):
