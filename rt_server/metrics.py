@@ -88,10 +88,10 @@ class Metrics:
     def on_batch(self, model: str, size: int, compute_s: float, audio_s: float, failed: bool) -> None:
         self.batch_size.setdefault(model, Histogram(_BATCH_BUCKETS)).observe(size)
         self.compute_seconds[model] += compute_s
+        self.audio_seconds[model] += audio_s  # what its segments that succeeded delivered
         if failed:
-            self.batch_failures[model] += 1
+            self.batch_failures[model] += 1  # its time includes the failed attempts: no real-time factor
         elif audio_s > 0:
-            self.audio_seconds[model] += audio_s
             self.rtf.setdefault(model, Histogram(_RTF_BUCKETS)).observe(compute_s / audio_s)
 
     def on_oom_splits(self, model: str, splits: int) -> None:
@@ -147,10 +147,10 @@ class Metrics:
         header("rt_compute_seconds_total", "counter", "Time spent in model steps.")
         for model, seconds in sorted(self.compute_seconds.items()):
             out.append(f'rt_compute_seconds_total{{model="{model}"}} {seconds}')
-        header("rt_batch_failures_total", "counter", "Model steps that raised.")
+        header("rt_batch_failures_total", "counter", "Model steps in which some segment failed.")
         for model, n in sorted(self.batch_failures.items()):
             out.append(f'rt_batch_failures_total{{model="{model}"}} {n}')
-        header("rt_oom_splits_total", "counter", "Batches split in halves after running out of memory.")
+        header("rt_oom_splits_total", "counter", "Splits of a batch, or of a part of one, in halves after running out of memory.")
         for model, n in sorted(self.oom_splits.items()):
             out.append(f'rt_oom_splits_total{{model="{model}"}} {n}')
         header(

@@ -183,14 +183,17 @@ def test_batch_sizes_between_two_scrapes_of_the_real_renderer() -> None:
     for size in (1, 3, 3, 8):
         metrics.on_batch("m", size, 0.2, 2.0, failed=False)
     metrics.on_batch("other", 2, 0.5, 1.0, failed=False)
+    metrics.on_batch("m", 4, 0.3, 1.5, failed=True)  # one segment of 4 failed: the others' audio still counts
     metrics.on_protected("m", 2)
     metrics.on_protected("m", 0)
     after = prometheus.parse(metrics.render(_GAUGES))
     sizes = prometheus.batch_sizes(before, after)
-    assert sizes.steps == 5
-    assert sizes.mean == pytest.approx(17 / 5)
-    assert sizes.counts == {"1": 1, "2": 1, "4": 2, "8": 1, "16": 0, "32": 0, "+Inf": 0}
-    assert prometheus.delta(before, after, "rt_compute_seconds_total") == pytest.approx(1.3)
+    assert sizes.steps == 6
+    assert sizes.mean == pytest.approx(21 / 6)
+    assert sizes.counts == {"1": 1, "2": 1, "4": 3, "8": 1, "16": 0, "32": 0, "+Inf": 0}
+    assert prometheus.delta(before, after, "rt_compute_seconds_total") == pytest.approx(1.6)
+    assert prometheus.delta(before, after, "rt_audio_seconds_total") == pytest.approx(10.5)
+    assert after[("rt_batch_failures_total", (("model", "m"),))] == 1
     assert after[("rt_protected_segments_total", (("model", "m"),))] == 2
     assert after[("rt_primes_total", (("model", "m"),))] == 3
     assert prometheus.parse('# comment\nbad line\nx{a="1"} nan-ish\ny 2\n') == {("y", ()): 2.0}
