@@ -5,6 +5,7 @@ padding is masked, so every item computes what it computes unpadded (tiny model,
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -113,9 +114,9 @@ def test_the_front_runs_on_bucketed_tokens_and_frames(model: KModel, monkeypatch
     bert = model.bert
     forward = bert.forward
 
-    def spy(input_ids: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    def spy(input_ids: torch.Tensor, lengths: torch.Tensor | None, after_layer: Any = None) -> torch.Tensor:
         token_lengths.append(input_ids.shape[1])
-        return forward(input_ids, lengths)
+        return forward(input_ids, lengths, after_layer)
 
     monkeypatch.setattr(bert, "forward", spy)
     item = _items(model)[1]

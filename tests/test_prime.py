@@ -136,9 +136,17 @@ def test_a_prime_gives_way_between_the_fronts_parts() -> None:
             ("text", model.text_encoder),
         )
     ]
-    answers = iter([False, True])  # go on after ALBERT, stop after the duration encoder
+    layers: list[int] = []  # passes of ALBERT's shared layer (2 in the tiny config)
+    layer = model.bert.encoder.albert_layer_groups[0].albert_layers[0]
+    hooks.append(layer.register_forward_hook(lambda *_: layers.append(1)))
+    # after each of ALBERT's layers, after ALBERT, then stop after the duration encoder
+    answers = iter([False, False, False, True])
     assert runner.prime(lambda: next(answers)) is False
-    assert ran == ["albert", "durations"]
+    assert (ran, len(layers)) == (["albert", "durations"], 2)
+    ran.clear()
+    layers.clear()
+    assert runner.prime(lambda: True) is False  # a segment waiting already: it waits for one layer, not ALBERT
+    assert (ran, len(layers)) == ([], 1)
     ran.clear()
     assert runner.prime(lambda: False) is True
     assert ran == ["albert", "durations", "text"]

@@ -6,6 +6,7 @@ Parameter names follow `transformers.AlbertModel`, which the published checkpoin
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -89,13 +90,15 @@ class AlbertEncoder(nn.Module):
         self.embedding_hidden_mapping_in = PackableLinear(config.embedding_size, config.hidden_size)
         self.albert_layer_groups = nn.ModuleList([AlbertLayerGroup(config)])
 
-    def forward(self, x: Tensor, key_mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, key_mask: Tensor | None, after_layer: Callable[[], None] | None = None) -> Tensor:
         x = self.embedding_hidden_mapping_in(x)
         group = self.albert_layer_groups[0]
         assert isinstance(group, AlbertLayerGroup)
         layer = group.albert_layers[0]  # ALBERT shares one layer across its whole depth
         for _ in range(self.num_hidden_layers):
             x = layer(x, key_mask)
+            if after_layer is not None:
+                after_layer()
         return x
 
 
@@ -108,10 +111,13 @@ class CustomAlbert(nn.Module):
         self.encoder = AlbertEncoder(config)
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, input_ids: Tensor, lengths: Tensor | None) -> Tensor:
+    def forward(
+        self, input_ids: Tensor, lengths: Tensor | None, after_layer: Callable[[], None] | None = None
+    ) -> Tensor:
+        """`after_layer()` runs after each of the encoder's layers (a caller's chance to stop it by raising)."""
         key_mask = None
         if lengths is not None:
             T = input_ids.shape[1]
             valid = torch.arange(T, device=input_ids.device)[None, :] < lengths[:, None]
             key_mask = valid[:, None, None, :]  # [B, 1, 1, T]: padded keys are never attended to
-        return self.encoder(self.embeddings(input_ids), key_mask)
+        return self.encoder(self.embeddings(input_ids), key_mask, after_layer)

@@ -16,6 +16,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -546,7 +547,7 @@ class KModel(nn.Module):
         style_dim = self.config.style_dim
         s_acoustic, s_prosody = ref_s[:, :style_dim], ref_s[:, style_dim:]
 
-        bert_dur = self.bert(ids, lengths)
+        bert_dur = self.bert(ids, lengths, None if interrupt is None else partial(_stop_if, interrupt))
         d_en = self.bert_encoder(bert_dur).transpose(-1, -2)
         _stop_if(interrupt)
         d = self.predictor.text_encoder(d_en, s_prosody, lengths, tmask)
