@@ -95,3 +95,20 @@ def test_parts_must_lie_within_the_segment() -> None:
         SegmentAudio("s", 0, np.zeros(10, np.float32), DURATIONS, TOTAL - 5, TOTAL)
     assert SegmentAudio("s", 0, np.zeros(0, np.float32), DURATIONS, TOTAL, TOTAL).final
     assert not _part(0, 10).final and _part(TOTAL - 10, 10).final
+
+
+def test_events_beyond_the_ordered_streams_bound_wait_as_tickets() -> None:
+    audio = AudioOutput(encoding="pcm_f32le", sample_rate_hz=24_000, frame_ms=20)
+    playout = Playout(Outbox(max_control_events=8), audio, max_buffer_ms=2000.0, alignment=True, max_events=2)
+    for n in range(5):
+        playout.add(FlushTicket(f"f{n}"))
+    playout.pump()
+    assert (playout.outbox.ordered_events, len(playout)) == (2, 3)
+    first = playout.outbox.pop()
+    assert isinstance(first, TextEvent) and json.loads(first.text)["id"] == "f0"
+    playout.pump()  # the writer took one: one more comes out of the tickets, in order
+    _, events = _drain(playout)
+    assert [e["id"] for e in events] == ["f1", "f2"]
+    playout.pump()
+    _, events = _drain(playout)
+    assert [e["id"] for e in events] == ["f3", "f4"] and len(playout) == 0

@@ -121,28 +121,32 @@ def test_a_burst_of_pipelined_messages_in_one_write_is_answered_in_full(server: 
 
 
 def test_flushes_from_a_client_that_never_reads_stay_bounded(server: RunningServer) -> None:
-    # Each `flush` queues a `flushed` event. A client that sends them without reading stops being read once
-    # half the control queue's worth waits for it, and its socket pushes back; the writer's stall timeout
-    # then closes it. Before, the events piled up without bound (211,171 after 6 s).
+    # Each `flush` becomes a ticket, then a `flushed` event. A client that sends them without reading holds
+    # at most 32 events in the outbox's ordered stream and 256 tickets behind them; past that its flushes are
+    # refused (`input_overflow`, control events), and once 32 of those wait the session stops reading its
+    # input: the socket pushes back, and the writer's stall timeout closes it. Before, the events piled up
+    # without bound (211,171 after 6 s).
     client = RawClient(server.port, rcvbuf=4096)
     client.send({"type": "start"})
     burst = b"".join(client.frame({"type": "flush", "id": "x" * 128}) for _ in range(500))
     client.sock.settimeout(0.5)
-    sizes: list[int] = []
+    seen: list[dict[str, Any]] = []
 
     def spam() -> None:
         for _ in range(100):  # 50,000 flushes: the socket blocks long before
             client.sock.sendall(burst)
-            sizes.extend(s["outbox_items"] for s in server.state()["sessions"].values())
+            seen.extend(server.state()["sessions"].values())
 
-    with pytest.raises(TimeoutError):
-        spam()
-    sizes.extend(s["outbox_items"] for s in server.state()["sessions"].values())
-    largest = max(sizes)
-    assert 0 < largest <= 40
-    time.sleep(2.5)  # past the stall timeout (1.5 s)
-    assert server.state()["sessions"] == {}
-    client.close()
+    try:
+        with pytest.raises(TimeoutError):
+            spam()
+        seen.extend(server.state()["sessions"].values())
+        assert 32 < max(s["outbox_items"] for s in seen) <= 32 + 32 + 4
+        assert max(s["tickets"] for s in seen) <= 256
+        time.sleep(2.5)  # past the stall timeout (1.5 s)
+        assert server.state()["sessions"] == {}
+    finally:
+        client.close()
     _, metrics = server.get("/metrics")
     assert any(line.startswith('rt_errors_total{code="stalled"}') for line in metrics.splitlines())
 

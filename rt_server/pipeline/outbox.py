@@ -35,8 +35,9 @@ OutItem = AudioFrame | TextEvent | CloseFrame
 class Outbox:
     """Bounds: `control` holds at most `max_control_events` items (the caller treats a full one as a client
     that stopped reading); the audio in `ordered` is kept at or below the session's `max_buffer_ms` plus one
-    frame by the session's pump; the events in both (`unsent_events`) are kept near `max_control_events` by
-    the session, which stops reading input while that many wait for the client.
+    frame by the session's pump, and its events (`ordered_events`) at the playout's `max_events` (the rest
+    wait as tickets, which are bounded); the session stops reading input while half of `max_control_events`
+    control events wait for the client.
     """
 
     def __init__(self, max_control_events: int) -> None:
@@ -76,9 +77,13 @@ class Outbox:
         return item
 
     @property
-    def unsent_events(self) -> int:
-        """Events and close frames waiting for the client, control and ordered."""
-        return len(self._control) + self._ordered_events
+    def control_events(self) -> int:
+        return len(self._control)
+
+    @property
+    def ordered_events(self) -> int:
+        """Events and close frames in the ordered stream."""
+        return self._ordered_events
 
     def has_audio(self) -> bool:
         return self.audio_ms > 0.0

@@ -26,10 +26,13 @@ from rt_server.protocol import (
 
 
 class Playout:
-    def __init__(self, outbox: Outbox, audio: AudioOutput, *, max_buffer_ms: float, alignment: bool) -> None:
+    def __init__(
+        self, outbox: Outbox, audio: AudioOutput, *, max_buffer_ms: float, alignment: bool, max_events: int = 32
+    ) -> None:
         self.outbox = outbox
         self.audio = audio
         self.max_buffer_ms = max_buffer_ms
+        self.max_events = max_events  # events in the outbox's ordered stream; later ones wait as tickets
         self.alignment = alignment
         self.tickets = Tickets()
         self.sent_samples = 0  # output samples the client has been sent
@@ -45,7 +48,9 @@ class Playout:
         """Move ready output into the outbox, in order, while it has room. Returns the failed segments' errors
         (control events, for the caller to send ahead of the audio)."""
         failures: list[ErrorEvent] = []
-        while self.tickets and self.outbox.audio_ms < self.max_buffer_ms:
+        while (
+            self.tickets and self.outbox.audio_ms < self.max_buffer_ms and self.outbox.ordered_events < self.max_events
+        ):
             ticket = self.tickets.head()
             if isinstance(ticket, SegmentTicket):
                 if ticket.failed is not None:

@@ -199,12 +199,13 @@ class Session:
                 self._on_message(message)
 
     async def _room_for_input(self) -> None:
-        """Read no further while half of `max_control_events` events wait for the client: each message adds
-        at most a few, so a burst of messages pauses here until the writer catches up (the socket's buffers
-        push back on the client), instead of overflowing the control queue; a client that stops reading
-        altogether is then found by the writer's stall timeout."""
+        """Read no further while half of `max_control_events` control events wait for the client: each message
+        adds at most a few, so a burst of messages pauses here until the writer catches up (control events go
+        ahead of audio, so this never waits for paced audio; the socket's buffers push back on the client),
+        instead of overflowing the control queue. A client that stops reading altogether is then found by the
+        writer's stall timeout."""
         limit = max(1, self._config.max_control_events // 2)
-        while self._outbox.unsent_events >= limit and self.state in (State.AWAITING_START, State.STREAMING):
+        while self._outbox.control_events >= limit and self.state in (State.AWAITING_START, State.STREAMING):
             self._room.clear()
             await self._room.wait()
 
@@ -237,7 +238,11 @@ class Session:
         )
         audio = AudioOutput(encoding=start.encoding, sample_rate_hz=start.sample_rate_hz, frame_ms=start.frame_ms)
         self._playout = Playout(
-            self._outbox, audio, max_buffer_ms=self._config.max_buffer_ms, alignment=start.alignment
+            self._outbox,
+            audio,
+            max_buffer_ms=self._config.max_buffer_ms,
+            alignment=start.alignment,
+            max_events=max(1, self._config.max_control_events // 2),
         )
         self._pacer = Pacer(lead_ms=start.lead_ms, enabled=start.pace == "realtime")
         backend.open_session(self.session_id, self._on_outcome)
@@ -482,7 +487,7 @@ class Session:
             stall_timeout_s=self._config.stall_timeout_s,
             pacer=lambda: self._pacer,
             on_audio_sent=self._after_audio_sent,
-            on_taken=self._room.set,
+            on_taken=self._on_taken,
         )
         exit_reason = await writer.run()
         if exit_reason is WriterExit.STALLED:
@@ -490,6 +495,12 @@ class Session:
             self._log.info("session %s: client stopped reading, closing", self.session_id)
             self._observer.on_error(ErrorCode.STALLED)
         self._end(exit_reason.value)
+
+    def _on_taken(self) -> None:
+        """The writer took an item from the outbox: room for input, and for events waiting as tickets."""
+        self._room.set()
+        if self._playout is not None and self._playout.tickets:
+            self._pump()
 
     def _after_audio_sent(self, frame: AudioFrame, now: float) -> None:
         if self._playout is not None:
