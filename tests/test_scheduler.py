@@ -337,3 +337,26 @@ def test_a_turn_resumed_after_its_listener_ran_dry_starts_a_new_clock() -> None:
     sched.submit(following)
     assert sched.deadline("a", following) == pytest.approx(33.6)
     assert _batch(sched.plan(30.8)) == [("c", 1)]  # c runs out at 31.0, a at 33.6
+
+
+def test_audio_that_comes_after_the_listener_ran_out_restarts_its_clock() -> None:
+    # a's first second ran out at 2.0; its next segment, submitted at 1.9, came late, at 5.0: the listener
+    # hears it from 5.0 to 6.0, so b, submitted at 4.0 while a was silent, is due at 6.0 and still protected
+    # against a new turn that would leave a silent again
+    sched = _scheduler(max_batch_size=1)
+    for name in "ad":
+        sched.open_session(name)
+    sched.submit(_job("a", 0, first=True))
+    sched.plan(0.0)
+    sched.complete(_job("a", 0, first=True), audio_ms=1000, now=1.0)
+    sched.observe_step([_job("x", 0, 98)], compute_s=1.0)  # 0.01 s a unit
+    late = _job("a", 1, 20, at=1.9)
+    sched.submit(late)
+    sched.plan(1.9)
+    sched.complete(late, audio_ms=1000, now=5.0)
+    queued = _job("a", 2, 58, at=4.0)  # 60 units: 0.6 s
+    sched.submit(queued)
+    sched.submit(_job("d", 0, 58, first=True, at=4.5))
+    assert sched.deadline("a", queued) == pytest.approx(6.0)
+    plan = sched.plan(5.0)
+    assert (_batch(plan), plan.protected) == ([("a", 2)], 1)

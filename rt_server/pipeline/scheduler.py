@@ -168,10 +168,11 @@ class Scheduler:
         if state is None:
             return
         state.produced_ms += audio_ms
-        if job.first_in_turn or state.turn_anchor_s is None or _ran_dry_before(state, job):
-            # A new turn, or one its listener had run out of before this segment even came (a client that
-            # paused without `flush`): the listener's clock starts again with this audio.
-            state.turn_anchor_s = now if playing_since is None else playing_since
+        start = now if playing_since is None else playing_since
+        if job.first_in_turn or state.turn_anchor_s is None or _runs_out_at(state) < start:
+            # A new turn, or audio that comes after the listener ran out (a client that paused without
+            # `flush`, or a step that came late): the listener's clock starts again with this audio.
+            state.turn_anchor_s = start
             state.turn_audio_ms = audio_ms
         else:
             state.turn_audio_ms += audio_ms
@@ -223,7 +224,7 @@ class Scheduler:
         state = self._sessions[session_id]
         if job.first_in_turn or state.turn_anchor_s is None or _ran_dry_before(state, job):
             return job.submitted_at  # the listener has been waiting since it came, as for a new turn
-        return state.turn_anchor_s + state.turn_audio_ms / 1000.0
+        return _runs_out_at(state)
 
     # -- planning --------------------------------------------------------------------------------------
 
@@ -297,9 +298,15 @@ class Scheduler:
         return deadline - now < rate * (_cost(job) + _cost(first)) + PROTECT_MARGIN_S
 
 
+def _runs_out_at(state: _SessionState) -> float:
+    """When the session's listener has played all of its turn's audio (its turn has begun)."""
+    assert state.turn_anchor_s is not None
+    return state.turn_anchor_s + state.turn_audio_ms / 1000.0
+
+
 def _ran_dry_before(state: _SessionState, job: SegmentJob) -> bool:
     """Whether the session's listener had played all of its turn's audio before `job` was submitted."""
-    return state.turn_anchor_s is not None and state.turn_anchor_s + state.turn_audio_ms / 1000.0 < job.submitted_at
+    return state.turn_anchor_s is not None and _runs_out_at(state) < job.submitted_at
 
 
 def _cost(job: SegmentJob) -> float:
