@@ -188,8 +188,9 @@ class _Inbox:
     """Commands for the engine thread; consumed reports are coalesced per session (latest wins), as are a
     session's aborts with nothing queued between them and primes (one waiting is enough).
 
-    Bound: MAX_QUEUED_COMMANDS for segments, calls, opens and primes; closes and aborts are always taken (a
-    session's cleanup must not fail), and are bounded by the sessions and by the segments between aborts."""
+    Bound: MAX_QUEUED_COMMANDS for segments, calls and opens; closes and aborts are always taken (a session's
+    cleanup must not fail), and are bounded by the sessions and by the segments between aborts; at most one
+    prime waits."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
@@ -391,8 +392,7 @@ class ModelEngine:
         a CPU left idle for a few hundred milliseconds the next segment's front ran at half speed (its caches
         cold), and this spends that cost before the segment arrives instead of after (docs/performance.md)."""
         if self._prime_after_idle_s is not None:
-            with contextlib.suppress(EngineOverloadedError):  # only a warm-up: dropped when the queue is full
-                self._inbox.put(_Prime())
+            self._inbox.put(_Prime())  # one waiting is enough: never refused, never more than one
 
     def report_consumed(self, session_id: str, consumed_ms: float) -> None:
         self._inbox.report(session_id, consumed_ms)

@@ -116,11 +116,12 @@ class Segmenter:
     def append(self, text: str) -> None:
         self._buffer += text
 
-    def count_cuts(self, text: str) -> int:
-        """How many segments `append(text)` and then `cut()` would hand out, leaving this segmenter as it is."""
+    def count_cuts(self, text: str, *, force: bool = False) -> int:
+        """How many segments `append(text)` and then `cut(force=force)` would hand out, leaving this segmenter
+        as it is (a shallow copy is a full one: every field is a string, a bool or an int)."""
         probe = copy.copy(self)
         probe.append(text)
-        return len(probe.cut())
+        return len(probe.cut(force=force))
 
     def cut(self, *, force: bool = False) -> list[Segment]:
         """Segments ready now. With `force`, everything pending is cut (blank text is dropped)."""

@@ -22,7 +22,7 @@ from typing import Final
 from rt_server.pipeline.audio_out import AudioOutput
 from rt_server.pipeline.flow import Pacer
 from rt_server.pipeline.jobs import Delivery, EngineFailed, SegmentAudio, SegmentJob
-from rt_server.pipeline.outbox import AudioFrame, CloseFrame, Outbox, TextEvent
+from rt_server.pipeline.outbox import AudioFrame, CloseFrame, Outbox, OutItem, TextEvent
 from rt_server.pipeline.playout import Playout
 from rt_server.pipeline.ports import SessionObserver, SynthesisBackend, Transport
 from rt_server.pipeline.segmenter import Segmenter
@@ -204,7 +204,7 @@ class Session:
         ahead of audio, so this never waits for paced audio; the socket's buffers push back on the client),
         instead of overflowing the control queue. A client that stops reading altogether is then found by the
         writer's stall timeout."""
-        limit = max(1, self._config.max_control_events // 2)
+        limit = self._config.max_queued_events
         while self._outbox.control_events >= limit and self.state in (State.AWAITING_START, State.STREAMING):
             self._room.clear()
             await self._room.wait()
@@ -242,7 +242,7 @@ class Session:
             audio,
             max_buffer_ms=self._config.max_buffer_ms,
             alignment=start.alignment,
-            max_events=max(1, self._config.max_control_events // 2),
+            max_events=self._config.max_queued_events,
         )
         self._pacer = Pacer(lead_ms=start.lead_ms, enabled=start.pace == "realtime")
         backend.open_session(self.session_id, self._on_outcome)
@@ -317,7 +317,8 @@ class Session:
             limit = self._config.max_pending_phonemes
             self._reject(ProtocolError(ErrorCode.INPUT_OVERFLOW, f"over {limit} phonemes would be pending"))
             return
-        if self._playout_len() + self._segmenter.count_cuts(text) > self._config.max_pending_tickets:
+        # forced: the idle timer may cut what this message leaves pending
+        if self._playout_len() + self._segmenter.count_cuts(text, force=True) > self._config.max_pending_tickets:
             limit = self._config.max_pending_tickets
             self._reject(ProtocolError(ErrorCode.INPUT_OVERFLOW, f"over {limit} segments and flushes would be pending"))
             return
@@ -345,7 +346,10 @@ class Session:
         self._pump()
 
     def _tickets_full(self) -> bool:
-        if self._playout_len() < self._config.max_pending_tickets:
+        """Whether a flush (a forced cut and its own ticket) would take the tickets over the limit; if so, the
+        message is rejected here."""
+        assert self._segmenter is not None
+        if self._playout_len() + self._segmenter.count_cuts("", force=True) < self._config.max_pending_tickets:
             return False
         limit = self._config.max_pending_tickets
         self._reject(ProtocolError(ErrorCode.INPUT_OVERFLOW, f"over {limit} segments and flushes pending"))
@@ -435,6 +439,13 @@ class Session:
     # -- engine outcomes and the output pump --------------------------------------------------------------
 
     def _on_outcome(self, outcome: Delivery) -> None:
+        try:
+            self._take_outcome(outcome)
+        except Exception:  # a bug here must not leave the client waiting for audio that will never come
+            self._log.exception("session %s: an outcome could not be taken", self.session_id)
+            self.fail(ErrorCode.INTERNAL, "internal server error")
+
+    def _take_outcome(self, outcome: Delivery) -> None:
         if isinstance(outcome, EngineFailed):
             if self.state is not State.ENDED and not self._engine_failed:
                 self._engine_failed = True
@@ -496,10 +507,11 @@ class Session:
             self._observer.on_error(ErrorCode.STALLED)
         self._end(exit_reason.value)
 
-    def _on_taken(self) -> None:
-        """The writer took an item from the outbox: room for input, and for events waiting as tickets."""
+    def _on_taken(self, item: OutItem) -> None:
+        """The writer took an item from the outbox: room for input, and for events waiting as tickets (audio
+        is pumped once its frame has been sent, `_after_audio_sent`, so framed audio stays within its bound)."""
         self._room.set()
-        if self._playout is not None and self._playout.tickets:
+        if not isinstance(item, AudioFrame) and self._playout is not None and self._playout.tickets:
             self._pump()
 
     def _after_audio_sent(self, frame: AudioFrame, now: float) -> None:

@@ -24,4 +24,8 @@ class SessionConfig:
     first_chunk_frames: int | None = 10
     max_pending_tickets: int = 256  # segments and flushes waiting for output
     max_control_events: int = 64  # unread control events before the client counts as stalled
+    # Input is not read while this many control events wait for the client (each message adds at most a few,
+    # so the control queue stays below `max_control_events`); also the most events the ordered stream holds
+    # (later ones wait as tickets, bounded by `max_pending_tickets`).
+    max_queued_events: int = 32
     report_step_ms: float = 100.0  # consumed-audio reports to the scheduler, at least this far apart

@@ -35,7 +35,7 @@ class Writer:
         stall_timeout_s: float,
         pacer: Callable[[], Pacer],
         on_audio_sent: Callable[[AudioFrame, float], None],
-        on_taken: Callable[[], None] | None = None,
+        on_taken: Callable[[OutItem], None] | None = None,
     ) -> None:
         self._transport = transport
         self._outbox = outbox
@@ -63,7 +63,7 @@ class Writer:
             self._outbox.pop()
             self.in_flight = item
             if self._on_taken is not None:
-                self._on_taken()
+                self._on_taken(item)
             try:
                 async with asyncio.timeout(self._stall_timeout_s):
                     await self._send(item)
