@@ -512,26 +512,22 @@ async def test_no_prime_while_segments_wait_or_when_priming_is_off() -> None:
     await _stats_until(engine, lambda stats: stats.primes == 1)
     await engine.stop()
 
-    off = FakeRunner()
-    engine = await _engine(off)  # prime_after_idle_s None: the setting at 0
-    engine.open_session("a", Inbox())
-    await asyncio.sleep(0.1)
-    engine.prime()
-    engine.submit(_job("a", 0))
-    await _settled(engine, 1)
-    await engine.stop()
-    assert off.primes == engine.stats.primes == 0
-
+    assert await _primes_after_an_idle_turn(FakeRunner(), None) == (0, 0)  # the setting at 0
     gpu = FakeRunner()
     gpu.device_type = "cuda"  # the idle slow-down priming answers was measured on a CPU only
-    engine = await _engine(gpu, prime_after_idle_s=0.0)
+    assert await _primes_after_an_idle_turn(gpu, 0.0) == (0, 0)
+
+
+async def _primes_after_an_idle_turn(runner: FakeRunner, prime_after_idle_s: float | None) -> tuple[int, int]:
+    """(primes the runner ran, primes the engine counted) for a turn that begins after 0.1 s idle."""
+    engine = await _engine(runner, prime_after_idle_s=prime_after_idle_s)
     engine.open_session("a", Inbox())
     await asyncio.sleep(0.1)
     engine.prime()
     engine.submit(_job("a", 0))
     await _settled(engine, 1)
     await engine.stop()
-    assert gpu.primes == engine.stats.primes == 0
+    return runner.primes, engine.stats.primes
 
 
 async def test_a_failing_prime_is_logged_and_the_engine_goes_on(caplog: pytest.LogCaptureFixture) -> None:

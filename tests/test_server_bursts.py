@@ -94,6 +94,15 @@ class RawClient:
             self._buffer += data
         raise AssertionError(f"timed out after {len(items)} items")
 
+    def receive_without_errors(self, kind: str, count: int) -> list[Any]:
+        """Frames until `count` events of `kind` came; asserts that no error and no close came meanwhile."""
+        seen: list[Any] = []
+        while _events(seen).count(kind) < count:
+            got = self.receive(lambda item: True)
+            assert got and not any(isinstance(i, tuple) or _is("error")(i) for i in got), got
+            seen += got
+        return seen
+
     def close(self) -> None:
         self.sock.close()
 
@@ -111,11 +120,7 @@ def test_a_burst_of_pipelined_messages_in_one_write_is_answered_in_full(server: 
     # session reads them as its writer catches up instead of declaring a client that reads `stalled`.
     client = RawClient(server.port)
     client.send({"type": "start"}, *[{"type": "clear"}] * 80)
-    seen: list[Any] = []
-    while _events(seen).count("cleared") < 80:
-        got = client.receive(lambda item: True)
-        assert got and not any(isinstance(i, tuple) or _is("error")(i) for i in got), got
-        seen += got
+    seen = client.receive_without_errors("cleared", 80)
     client.close()
     assert _events(seen) == ["ready"] + ["cleared"] * 80
 
@@ -125,11 +130,7 @@ def test_a_hundred_flushes_in_one_write_are_all_answered_in_order(server: Runnin
     # writer sends the earlier ones.
     client = RawClient(server.port)
     client.send({"type": "start"}, *[{"type": "flush", "id": n} for n in range(100)])
-    seen: list[Any] = []
-    while _events(seen).count("flushed") < 100:
-        got = client.receive(lambda item: True)
-        assert got and not any(isinstance(i, tuple) or _is("error")(i) for i in got), got
-        seen += got
+    seen = client.receive_without_errors("flushed", 100)
     client.close()
     assert [i["id"] for i in seen if _is("flushed")(i)] == list(range(100))
 
