@@ -65,14 +65,20 @@ def _a_playing(*, observed: bool = True, **overrides: object) -> Scheduler:
     """a hears 1 s of audio from t=1 (it runs out at 2.0) and has its next segment queued at 1.1: 22 units
     (20 phonemes + 2 boundary tokens); observed: a step of 0.01 s a unit (0.22 s for that segment)."""
     sched = _scheduler(**{"max_batch_size": 1, **overrides})  # type: ignore[arg-type]
+    _a_hears_one_second(sched, observed=observed)
+    sched.submit(_job("a", 1, 20, at=1.1))
+    return sched
+
+
+def _a_hears_one_second(sched: Scheduler, *, observed: bool = True) -> None:
+    """a's turn begins: its first segment gives 1 s of audio at t=1 (it runs out at 2.0); observed: a step of
+    0.01 s a unit."""
     sched.open_session("a")
     sched.submit(_job("a", 0, first=True))
     sched.plan(0.0)
     sched.complete(_job("a", 0, first=True), audio_ms=1000, now=1.0)
     if observed:
         sched.observe_step([_job("x", 0, 98)], compute_s=1.0)  # 100 units in 1 s
-    sched.submit(_job("a", 1, 20, at=1.1))
-    return sched
 
 
 def _playing_and_new_turn(now: float, *, observed: bool = True, new_turn_at: float = 1.2, **overrides: object) -> Batch:
@@ -315,12 +321,9 @@ def test_a_turn_resumed_after_its_listener_ran_dry_starts_a_new_clock() -> None:
     # its listener has been waiting since 30, not since 2, so its segment neither counts as protected nor
     # keeps a deadline 28 s in the past (which would put it before every playing session for 28 s of audio)
     sched = _scheduler(max_batch_size=1)
-    for name in "acd":
+    _a_hears_one_second(sched)
+    for name in "cd":
         sched.open_session(name)
-    sched.submit(_job("a", 0, first=True))
-    sched.plan(0.0)
-    sched.complete(_job("a", 0, first=True), audio_ms=1000, now=1.0)
-    sched.observe_step([_job("x", 0, 98)], compute_s=1.0)
     sched.submit(_job("c", 0, 20, first=True, at=29.0))
     sched.plan(29.0)
     sched.complete(_job("c", 0, 20, first=True), audio_ms=2000, now=29.0)  # c runs out at 31.0
@@ -341,15 +344,11 @@ def test_a_turn_resumed_after_its_listener_ran_dry_starts_a_new_clock() -> None:
 
 def test_audio_that_comes_after_the_listener_ran_out_restarts_its_clock() -> None:
     # a's first second ran out at 2.0; its next segment, submitted at 1.9, came late, at 5.0: the listener
-    # hears it from 5.0 to 6.0, so b, submitted at 4.0 while a was silent, is due at 6.0 and still protected
-    # against a new turn that would leave a silent again
+    # hears it from 5.0 to 6.0, so a's next one, submitted at 4.0 while a was silent, is due at 6.0 and still
+    # protected against a new turn that would leave a silent again
     sched = _scheduler(max_batch_size=1)
-    for name in "ad":
-        sched.open_session(name)
-    sched.submit(_job("a", 0, first=True))
-    sched.plan(0.0)
-    sched.complete(_job("a", 0, first=True), audio_ms=1000, now=1.0)
-    sched.observe_step([_job("x", 0, 98)], compute_s=1.0)  # 0.01 s a unit
+    _a_hears_one_second(sched)
+    sched.open_session("d")
     late = _job("a", 1, 20, at=1.9)
     sched.submit(late)
     sched.plan(1.9)
