@@ -150,11 +150,7 @@ class Metrics:
         header("rt_batch_failures_total", "counter", "Model steps in which some segment failed.")
         for model, n in sorted(self.batch_failures.items()):
             out.append(f'rt_batch_failures_total{{model="{model}"}} {n}')
-        header(
-            "rt_oom_splits_total",
-            "counter",
-            "Batch halvings after running out of memory.",
-        )
+        header("rt_oom_splits_total", "counter", "Batch halvings after running out of memory.")
         for model, n in sorted(self.oom_splits.items()):
             out.append(f'rt_oom_splits_total{{model="{model}"}} {n}')
         header(

@@ -19,7 +19,7 @@ DURATIONS = np.array([2, 3, 3, 2], dtype=np.int64)  # two phonemes and the bound
 
 def _playout(max_buffer_ms: float = 2000.0) -> Playout:
     audio = AudioOutput(encoding="pcm_f32le", sample_rate_hz=24_000, frame_ms=20)
-    return Playout(Outbox(max_control_events=8), audio, max_buffer_ms=max_buffer_ms, alignment=True)
+    return Playout(Outbox(max_control_events=8), audio, max_buffer_ms=max_buffer_ms, alignment=True, max_events=4)
 
 
 def _part(offset: int, length: int, seq: int = 0) -> SegmentAudio:

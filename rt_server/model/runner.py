@@ -159,10 +159,8 @@ class ModelRunner:
     def prime(self, interrupt: Callable[[], bool] | None = None) -> bool:
         """Run the model's front over two words and drop the result, stopping between its parts once
         `interrupt()` is true (`KModel.prime`; returns whether it ran to the end): called by the engine when a
-        turn begins after the model sat idle, so that the turn's first segment finds it warm. Only on a CPU,
-        where the idle slow-down was measured (docs/performance.md); elsewhere it does nothing."""
-        if self.device_type != "cpu":
-            return True
+        turn begins after the model sat idle, so that the turn's first segment finds it warm; the engine does so
+        on a CPU only, where the idle slow-down was measured (docs/performance.md)."""
         if self._prime_item is None:
             phonemes = self._own_phrase(PRIME_PHONEMES)
             self._prime_item = self.model.item(phonemes, self._style(self.voice_names()[0], phonemes), noise=False)

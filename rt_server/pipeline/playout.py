@@ -27,7 +27,7 @@ from rt_server.protocol import (
 
 class Playout:
     def __init__(
-        self, outbox: Outbox, audio: AudioOutput, *, max_buffer_ms: float, alignment: bool, max_events: int = 32
+        self, outbox: Outbox, audio: AudioOutput, *, max_buffer_ms: float, alignment: bool, max_events: int
     ) -> None:
         self.outbox = outbox
         self.audio = audio
